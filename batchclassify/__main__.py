@@ -1,0 +1,3 @@
+from batchclassify.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,350 @@
+"""The ``batchclassify`` command: argument parsing, exit codes, friendly errors. Nothing else."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from batchclassify import __version__, emulator
+from batchclassify.config import RunSettings
+from batchclassify.errors import BatchClassifyError, ConfigError, RunAborted, redact
+from batchclassify.pipeline import Pipeline
+from batchclassify.runner import run
+from batchclassify.summary import RunStats
+
+EXIT_OK = 0
+EXIT_FAILED_ITEMS = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+RUN_EPILOG = """\
+examples:
+  # dry run against the built-in emulator, no key needed
+  batchclassify run samples/ --model demo/1 --emulate --out results.jsonl
+
+  # a folder, a URL list and a CSV against the hosted API
+  export ROBOFLOW_API_KEY=...
+  batchclassify run photos/ urls.txt dataset.csv --model flowers-abc12/3 \\
+      --out results.jsonl --out results.csv --max-size 640
+
+  # a self-hosted Roboflow Inference server, paths from another program on stdin
+  find /data -name '*.jpg' | batchclassify run - --model flowers-abc12/3 \\
+      --endpoint http://localhost:9001 --out -
+
+exit codes: 0 all ok, 1 finished with failed items, 2 usage/configuration/fatal API error
+(bad key, unknown model), 130 interrupted.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="batchclassify",
+        description="Classify very many images through a Roboflow-compatible HTTP API.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run_parser = commands.add_parser(
+        "run",
+        help="classify images from folders, files, URLs and lists; write JSONL/CSV results",
+        description="Classify every image from the given sources and write one result per input.",
+        epilog=RUN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_run_arguments(run_parser)
+
+    emulate = commands.add_parser(
+        "emulate",
+        help="serve a local Roboflow-compatible classification API (for tests and dry runs)",
+        description=emulator.CLI_DESCRIPTION,
+        epilog=emulator.CLI_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    emulator.add_cli_arguments(emulate)
+    return parser
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options default to ``None`` so that only what the user typed overrides other settings."""
+    defaults = RunSettings()
+    parser.add_argument(
+        "sources",
+        nargs="+",
+        metavar="SOURCE",
+        help="image folder (recursive), image file, http(s) URL, list file (.txt, .csv, .jsonl) "
+        "or - for a list of paths/URLs on stdin",
+    )
+    what = parser.add_argument_group("what to call")
+    what.add_argument(
+        "--model",
+        help="PROJECT/VERSION, e.g. flowers-abc12/3 (a workspace/ prefix is accepted and dropped)",
+    )
+    what.add_argument(
+        "--endpoint",
+        help=f"base URL of the API (default {defaults.endpoint}); "
+        "a self-hosted inference server is e.g. http://localhost:9001",
+    )
+    what.add_argument("--api-key", help="API key (default: $ROBOFLOW_API_KEY); never printed")
+    what.add_argument(
+        "--confidence",
+        type=float,
+        help="threshold the server applies (0-1, default: the server's, 0.4)",
+    )
+    what.add_argument(
+        "--emulate",
+        action="store_true",
+        default=None,
+        help="start the built-in emulator on a free loopback port and run against "
+        "it (offline, no key needed)",
+    )
+
+    io_group = parser.add_argument_group("inputs and outputs")
+    io_group.add_argument(
+        "--out",
+        "-o",
+        action="append",
+        metavar="FILE",
+        help="write results to FILE: .jsonl or .csv by extension, - for JSONL "
+        "on stdout; repeat for several outputs",
+    )
+    io_group.add_argument(
+        "--overwrite",
+        action="store_true",
+        default=None,
+        help="replace existing output files instead of refusing",
+    )
+    io_group.add_argument("--summary", metavar="FILE.json", help="also write the summary as JSON")
+    io_group.add_argument(
+        "--ext",
+        metavar="LIST",
+        help=f"image extensions to pick up in folders (default {defaults.ext})",
+    )
+    io_group.add_argument(
+        "--column",
+        help="column/field holding the path or URL in .csv/.jsonl "
+        "lists (default: the first of url, path, image)",
+    )
+    io_group.add_argument(
+        "--url-mode",
+        choices=("auto", "reference", "fetch"),
+        help="how URLs are sent: reference = the service fetches them "
+        "(image=), fetch = downloaded here and sent inline, auto = https by "
+        "reference and everything else fetched (default auto)",
+    )
+    io_group.add_argument(
+        "--fetch-urls",
+        dest="url_mode",
+        action="store_const",
+        const="fetch",
+        help="same as --url-mode fetch",
+    )
+    io_group.add_argument(
+        "--max-size",
+        type=int,
+        metavar="PX",
+        help="downscale so the longer side is at most PX before upload "
+        "(e.g. the model's input size; default: send originals)",
+    )
+    io_group.add_argument(
+        "--jpeg-quality",
+        type=int,
+        metavar="Q",
+        help=f"JPEG quality for re-encoded images (default {defaults.jpeg_quality})",
+    )
+
+    speed = parser.add_argument_group("speed and resilience")
+    speed.add_argument(
+        "--concurrency",
+        "-c",
+        type=int,
+        metavar="N",
+        help=f"requests in flight at once (default {defaults.concurrency})",
+    )
+    speed.add_argument(
+        "--rate",
+        type=float,
+        metavar="R",
+        help="never send more than R requests per second (default: no fixed limit)",
+    )
+    speed.add_argument(
+        "--no-adaptive",
+        dest="adaptive",
+        action="store_false",
+        default=None,
+        help="do not slow down automatically on 429/503 answers",
+    )
+    speed.add_argument(
+        "--retries",
+        type=int,
+        metavar="N",
+        help=f"attempts per image, the first included (default {defaults.retries})",
+    )
+    speed.add_argument(
+        "--max-wait",
+        type=float,
+        metavar="S",
+        help=f"longest single backoff wait (default {defaults.max_wait:g} s; a "
+        "server's Retry-After is always honoured)",
+    )
+    speed.add_argument(
+        "--timeout",
+        type=float,
+        metavar="S",
+        help=f"per-request timeout (default {defaults.timeout:g} s)",
+    )
+    speed.add_argument(
+        "--connect-timeout",
+        type=float,
+        metavar="S",
+        help=f"connection timeout (default {defaults.connect_timeout:g} s)",
+    )
+    speed.add_argument(
+        "--max-failures",
+        type=int,
+        metavar="N",
+        help="abort after N images failed on request errors (default: never)",
+    )
+    speed.add_argument(
+        "--max-outage",
+        type=float,
+        metavar="S",
+        help=f"abort when the server has been down this long (default {defaults.max_outage:g} s)",
+    )
+    speed.add_argument(
+        "--queue-size",
+        type=int,
+        metavar="N",
+        help="items buffered between stages (default 2 x concurrency)",
+    )
+    speed.add_argument(
+        "--shutdown-grace",
+        type=float,
+        metavar="S",
+        help=f"after Ctrl-C, how long in-flight requests may finish (default "
+        f"{defaults.shutdown_grace:g} s)",
+    )
+
+    ux = parser.add_argument_group("display")
+    ux.add_argument(
+        "--progress",
+        dest="progress",
+        action="store_true",
+        default=None,
+        help="show a progress bar on stderr even when it is not a terminal",
+    )
+    ux.add_argument(
+        "--no-progress",
+        dest="progress",
+        action="store_false",
+        default=None,
+        help="no progress bar (default: shown when stderr is a terminal)",
+    )
+
+
+def settings_from_args(args: argparse.Namespace, environ: dict[str, str]) -> RunSettings:
+    given: dict[str, Any] = {
+        name: value
+        for name, value in vars(args).items()
+        if name in RunSettings.names() and value is not None
+    }
+    if "out" in given:
+        given["out"] = tuple(given["out"])
+    if "api_key" not in given and environ.get("ROBOFLOW_API_KEY"):
+        given["api_key"] = environ["ROBOFLOW_API_KEY"]
+    return RunSettings(**given)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "emulate":
+        return emulator.serve_from_args(args)
+    secret: str | None = None
+    try:
+        settings = settings_from_args(args, dict(os.environ))
+        secret = settings.api_key
+        return asyncio.run(_run_command(args.sources, settings))
+    except ConfigError as exc:
+        _say(f"error: {redact(str(exc), secret)}")
+        return EXIT_USAGE
+    except RunAborted as exc:
+        _say(f"error: run stopped: {redact(str(exc), secret)}")
+        return EXIT_USAGE
+    except BatchClassifyError as exc:  # pragma: no cover - every error should be handled above
+        _say(f"error: {redact(str(exc), secret)}")
+        return EXIT_USAGE
+
+
+async def _run_command(sources: list[str], settings: RunSettings) -> int:
+    if settings.emulate:
+        async with emulator.running_emulator() as url:
+            return await _run_pipeline(sources, settings.updated(endpoint=url))
+    return await _run_pipeline(sources, settings)
+
+
+async def _run_pipeline(sources: list[str], settings: RunSettings) -> int:
+    options = settings.pipeline_options()
+    outputs = list(settings.out)
+    if not outputs:
+        _say("note: no --out given: results go to stdout as JSONL")
+        outputs = ["-"]
+    pipeline = Pipeline(sources, options)
+    _install_signal_handlers(pipeline, settings.shutdown_grace)
+    stats: RunStats | None = None
+    try:
+        stats = await run(
+            sources,
+            options,
+            outputs=outputs,
+            overwrite=settings.overwrite,
+            progress=sys.stderr.isatty() if settings.progress is None else settings.progress,
+            summary_path=settings.summary,
+            pipeline=pipeline,
+        )
+    except RunAborted as exc:
+        if exc.stats is not None:
+            _say(redact(exc.stats.format(), settings.api_key))
+        raise
+    _say(redact(stats.format(), settings.api_key))
+    if stats.interrupted:
+        return EXIT_INTERRUPTED
+    return EXIT_OK if stats.failed == 0 else EXIT_FAILED_ITEMS
+
+
+def _install_signal_handlers(pipeline: Pipeline, grace: float) -> None:
+    """First Ctrl-C/SIGTERM: stop feeding, let in-flight requests finish for ``grace`` seconds.
+    Second: stop at once. Either way the sinks are flushed and the summary printed."""
+    loop = asyncio.get_running_loop()
+    received = 0
+
+    def on_signal(signum: int) -> None:
+        nonlocal received
+        received += 1
+        if received == 1:
+            _say(
+                f"\n{signal.Signals(signum).name}: finishing in-flight requests (up to "
+                f"{grace:g} s); press Ctrl-C again to stop now"
+            )
+            pipeline.stop()
+            loop.call_later(grace, pipeline.abort)
+        else:
+            pipeline.abort()
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        # Not available on Windows or outside the main thread: Ctrl-C then stops at once.
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(signum, on_signal, signum)
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,106 @@
+"""The values that flow through the pipeline: an input :class:`Item` and its :class:`Result`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+__all__ = ["ErrorInfo", "Item", "Result", "Status"]
+
+Status = Literal["ok", "error"]
+
+
+@dataclass(frozen=True, slots=True)
+class Item:
+    """One input to classify: a local file, or a URL.
+
+    ``source`` is what the user will see in the results (the path as found, or the URL);
+    exactly one of ``path`` and ``url`` is set, unless the item is already known to be broken,
+    in which case ``problem`` says why and no request is made for it.
+    """
+
+    source: str
+    path: Path | None = None
+    url: str | None = None
+    problem: str | None = None
+
+    @property
+    def is_url(self) -> bool:
+        return self.url is not None
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorInfo:
+    """Why an item failed: ``type`` is a short name (``input``, ``http``, ``timeout``, …)."""
+
+    type: str
+    message: str
+    http_status: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": self.type, "message": self.message, "http_status": self.http_status}
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    """The outcome for one input: a classification, or the error that prevented one.
+
+    Both response shapes of the service are normalised here: ``predictions`` is always a
+    ``{class: confidence}`` map, ``top``/``confidence`` are the best class (also for multi-label
+    models), and ``predicted_classes`` lists the classes over the threshold (``[top]`` for a
+    single-label model, empty when nothing passed).
+    """
+
+    source: str
+    status: Status
+    top: str | None = None
+    confidence: float | None = None
+    predicted_classes: tuple[str, ...] = ()
+    predictions: dict[str, float] = field(default_factory=dict)
+    image: dict[str, int] | None = None
+    inference_id: str | None = None
+    time: float | None = None
+    error: ErrorInfo | None = None
+    attempts: int = 0
+    latency_ms: float | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON-ready record written to JSONL (keys in a stable order)."""
+        return {
+            "source": self.source,
+            "status": self.status,
+            "top": self.top,
+            "confidence": self.confidence,
+            "predicted_classes": list(self.predicted_classes),
+            "predictions": self.predictions,
+            "image": self.image,
+            "inference_id": self.inference_id,
+            "time": self.time,
+            "error": self.error.to_dict() if self.error else None,
+            "attempts": self.attempts,
+            "latency_ms": self.latency_ms,
+        }
+
+    @classmethod
+    def from_dict(cls, record: dict[str, Any]) -> Result:
+        """Rebuild a result from its JSONL record (the inverse of :meth:`to_dict`)."""
+        error = record.get("error")
+        return cls(
+            source=record["source"],
+            status=record["status"],
+            top=record.get("top"),
+            confidence=record.get("confidence"),
+            predicted_classes=tuple(record.get("predicted_classes") or ()),
+            predictions=dict(record.get("predictions") or {}),
+            image=record.get("image"),
+            inference_id=record.get("inference_id"),
+            time=record.get("time"),
+            error=ErrorInfo(**error) if error else None,
+            attempts=record.get("attempts", 0),
+            latency_ms=record.get("latency_ms"),
+        )

@@ -1,0 +1,304 @@
+"""The streaming pipeline: sources → bounded queue → workers → results, in constant memory.
+
+::
+
+    producer (thread, chunks) ──► asyncio.Queue(maxsize) ──► N workers ──► asyncio.Queue ──► caller
+                                                              │ prepare (thread pool)
+                                                              │ ClassifyClient (retry, throttle)
+
+The queues are bounded, so however long the input, at most ``queue_size`` items wait on each side
+of the workers. A failure of one item becomes an error row; only a fatal API error (bad key,
+unknown model, …) or a systemic failure (``max_failures``, a long outage) stops the run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import itertools
+import time
+from collections.abc import AsyncIterator, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, TextIO
+
+from batchclassify.client import ClassifyClient, ClientOptions, Response
+from batchclassify.errors import (
+    BatchClassifyError,
+    FatalApiError,
+    InputError,
+    ItemRejectedError,
+    RequestError,
+    RunAborted,
+)
+from batchclassify.model import ErrorInfo, Item, Result
+from batchclassify.prepare import PrepareOptions, default_workers, prepare_bytes, prepare_file
+from batchclassify.response import result_from_response
+from batchclassify.sources import SourceOptions, iter_items
+from batchclassify.throttle import Throttle, ThrottleOptions
+
+__all__ = ["Pipeline", "PipelineOptions", "UrlMode", "iter_results"]
+
+UrlMode = Literal["auto", "reference", "fetch"]
+#: items pulled from the (synchronous) sources per hop to the producer thread
+_CHUNK = 256
+_END = None
+#: ``error.type`` values that come from a failed request (as opposed to a bad input)
+_REQUEST_ERROR_TYPES = frozenset({"http", "timeout", "connection"})
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PipelineOptions:
+    """Everything that shapes a run except where its results go."""
+
+    client: ClientOptions
+    sources: SourceOptions = field(default_factory=SourceOptions)
+    prepare: PrepareOptions = field(default_factory=PrepareOptions)
+    throttle: ThrottleOptions = field(default_factory=ThrottleOptions)
+    #: ``auto``: https URLs by reference (the service fetches them), http ones downloaded here
+    url_mode: UrlMode = "auto"
+    #: bound of each queue; defaults to twice the concurrency
+    queue_size: int | None = None
+    #: stop the run once this many items have failed on request errors
+    max_failures: int | None = None
+    #: threads for image preparation (decode/resize/base64); defaults to the CPU count
+    prepare_workers: int | None = None
+
+    @property
+    def concurrency(self) -> int:
+        return self.client.concurrency
+
+
+class Pipeline:
+    """One run over ``specs``. Iterate :meth:`results`; call :meth:`stop` to wind down
+    gracefully (no new items; in-flight ones finish) and :meth:`abort` to stop at once."""
+
+    def __init__(
+        self,
+        specs: Iterable[str],
+        options: PipelineOptions,
+        *,
+        stdin: TextIO | None = None,
+        items: Iterable[Item] | None = None,
+    ) -> None:
+        self.options = options
+        self._items: Iterable[Item] = (
+            items if items is not None else iter_items(specs, options.sources, stdin=stdin)
+        )
+        self._stopping = False
+        self._fatal: BatchClassifyError | None = None
+        self._failures = 0
+        self._workers: list[asyncio.Task[None]] = []
+        self._producer: asyncio.Task[None] | None = None
+        self.client: ClassifyClient | None = None
+        self.throttle: Throttle | None = None
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
+    @property
+    def requests_sent(self) -> int:
+        return self.client.requests_sent if self.client else 0
+
+    def stop(self) -> None:
+        """Stop taking new items; what is in flight finishes and is reported."""
+        self._stopping = True
+        if self._producer is not None:
+            # Also interrupts a producer waiting on a slow source (a pipe, a network folder).
+            self._producer.cancel()
+
+    def abort(self) -> None:
+        """Stop now: in-flight requests are cancelled and their items are not reported."""
+        self._stopping = True
+        for task in self._workers:
+            task.cancel()
+
+    async def results(self) -> AsyncIterator[Result]:
+        """Yield one result per input as it completes (not in input order). Raises
+        :class:`RunAborted` at the end when a fatal error or a systemic failure stopped it."""
+        options = self.options
+        size = options.queue_size or max(2 * options.concurrency, 16)
+        todo: asyncio.Queue[Item | None] = asyncio.Queue(maxsize=size)
+        done: asyncio.Queue[Result | None] = asyncio.Queue(maxsize=size)
+        executor = ThreadPoolExecutor(
+            max_workers=options.prepare_workers or default_workers(),
+            thread_name_prefix="batchclassify-prepare",
+        )
+        self.throttle = Throttle(options.throttle)
+        async with ClassifyClient(options.client, throttle=self.throttle) as client:
+            self.client = client
+            producer = asyncio.create_task(self._produce(todo), name="batchclassify-producer")
+            self._producer = producer
+            self._workers = [
+                asyncio.create_task(self._work(todo, done, executor), name=f"worker-{n}")
+                for n in range(options.concurrency)
+            ]
+            closer = asyncio.create_task(self._close_when_done(done))
+            try:
+                while (result := await done.get()) is not _END:
+                    yield result
+            finally:
+                for task in (producer, closer, *self._workers):
+                    task.cancel()
+                await asyncio.gather(producer, closer, *self._workers, return_exceptions=True)
+                executor.shutdown(wait=False, cancel_futures=True)
+        if self._fatal is not None:
+            raise self._fatal
+
+    async def _produce(self, todo: asyncio.Queue[Item | None]) -> None:
+        iterator: Iterator[Item] = iter(self._items)
+        ends = self.options.concurrency
+        try:
+            while chunk := await asyncio.to_thread(list, itertools.islice(iterator, _CHUNK)):
+                for item in chunk:
+                    await todo.put(item)
+            for _ in range(ends):
+                await todo.put(_END)
+        finally:
+            if self._stopping:
+                # Unsent items are dropped (a resumed run picks them up); every worker wakes.
+                _drain(todo, ends)
+
+    async def _close_when_done(self, done: asyncio.Queue[Result | None]) -> None:
+        await asyncio.gather(*self._workers, return_exceptions=True)
+        await done.put(_END)
+
+    async def _work(
+        self,
+        todo: asyncio.Queue[Item | None],
+        done: asyncio.Queue[Result | None],
+        executor: ThreadPoolExecutor,
+    ) -> None:
+        while (item := await todo.get()) is not _END:
+            if self._stopping:
+                continue  # drained: not reported, so a resumed run picks it up
+            try:
+                result = await self._process(item, executor)
+            except (FatalApiError, RunAborted) as exc:
+                self._fail_run(exc)
+                continue
+            if result.error is not None and result.error.type in _REQUEST_ERROR_TYPES:
+                self._count_failure()
+            await done.put(result)
+
+    def _fail_run(self, exc: BatchClassifyError) -> None:
+        if self._fatal is None:
+            self._fatal = exc if isinstance(exc, RunAborted) else _explain_fatal(exc)
+        self.stop()
+
+    def _count_failure(self) -> None:
+        self._failures += 1
+        limit = self.options.max_failures
+        if limit is not None and self._failures >= limit and self._fatal is None:
+            self._fatal = RunAborted(
+                f"{self._failures} items failed on requests (--max-failures {limit}); "
+                "the run stopped so that a systematic problem does not burn the whole input"
+            )
+            self.stop()
+
+    async def _process(self, item: Item, executor: ThreadPoolExecutor) -> Result:
+        if item.problem is not None:
+            return _error_result(item, ErrorInfo("input", item.problem), attempts=0)
+        client = self.client
+        assert client is not None
+        loop = asyncio.get_running_loop()
+        prepare = self.options.prepare
+        started = time.perf_counter()
+        try:
+            if item.url is not None and self._by_reference(item.url):
+                try:
+                    response = await client.classify(image_url=item.url)
+                except ItemRejectedError:
+                    if self.options.url_mode != "auto":
+                        raise
+                    # The service could not fetch it (private host, odd server): fetch it here.
+                    started = time.perf_counter()
+                    response = await self._classify_fetched(item.url, executor)
+            elif item.url is not None:
+                response = await self._classify_fetched(item.url, executor)
+            else:
+                assert item.path is not None
+                payload = await loop.run_in_executor(executor, _encoded_file, item.path, prepare)
+                started = time.perf_counter()
+                response = await client.classify(data=payload)
+        except InputError as exc:
+            return _error_result(item, ErrorInfo(exc.kind, str(exc)), attempts=0)
+        except (FatalApiError, RunAborted):
+            raise
+        except RequestError as exc:
+            info = ErrorInfo(exc.kind, str(exc), exc.http_status)
+            return _error_result(item, info, attempts=exc.attempts)
+        latency = (time.perf_counter() - started) * 1000
+        return result_from_response(
+            item.source, response.body, attempts=response.attempts, latency_ms=latency
+        )
+
+    def _by_reference(self, url: str) -> bool:
+        mode = self.options.url_mode
+        return mode == "reference" or (mode == "auto" and url.lower().startswith("https://"))
+
+    async def _classify_fetched(self, url: str, executor: ThreadPoolExecutor) -> Response:
+        client = self.client
+        assert client is not None
+        prepare = self.options.prepare
+        # Fetch generously: with --max-size a large original is shrunk before upload.
+        limit = prepare.max_upload_bytes if prepare.max_size is None else 512 * 1024 * 1024
+        raw = await client.fetch(url, max_bytes=limit)
+        loop = asyncio.get_running_loop()
+        payload = await loop.run_in_executor(executor, _encoded_bytes, raw, url, prepare)
+        return await client.classify(data=payload)
+
+
+def _encoded_file(path: Path, options: PrepareOptions) -> bytes:
+    return base64.b64encode(prepare_file(path, options).data)
+
+
+def _encoded_bytes(data: bytes, name: str, options: PrepareOptions) -> bytes:
+    return base64.b64encode(prepare_bytes(data, options, name=name).data)
+
+
+def _error_result(item: Item, error: ErrorInfo, *, attempts: int) -> Result:
+    return Result(source=item.source, status="error", error=error, attempts=attempts)
+
+
+def _drain(queue: asyncio.Queue[Item | None], ends: int) -> None:
+    """Empty a queue of items but keep ``ends`` end markers, so every worker still wakes up."""
+    while True:
+        try:
+            queue.get_nowait()
+        except asyncio.QueueEmpty:
+            break
+    for _ in range(ends):
+        queue.put_nowait(_END)
+
+
+_FATAL_HINTS = {
+    401: "the API key is missing or invalid: check ROBOFLOW_API_KEY or --api-key",
+    402: "the workspace is out of credits: top up, or wait for the billing period",
+    403: "the API key is not allowed to use this model (or the model does not exist): "
+    "check --model and the key's workspace",
+    404: "the model or version was not found: check --model PROJECT/VERSION and --endpoint",
+    422: "the service rejected a request parameter: check --confidence and other options",
+    423: "usage of this workspace is paused: check the Roboflow dashboard",
+}
+
+
+def _explain_fatal(exc: BatchClassifyError) -> RunAborted:
+    status = getattr(exc, "http_status", None)
+    hint = _FATAL_HINTS.get(status or 0, "the service refused the run")
+    return RunAborted(f"{hint} (server said: {exc})")
+
+
+async def iter_results(
+    specs: Iterable[str], options: PipelineOptions, *, stdin: TextIO | None = None
+) -> AsyncIterator[Result]:
+    """Classify every input named by ``specs``; yield results as they complete::
+
+    options = PipelineOptions(client=ClientOptions(model="flowers", version=3, api_key=key))
+    async for result in iter_results(["photos/"], options):
+        print(result.source, result.top, result.confidence)
+    """
+    async for result in Pipeline(specs, options, stdin=stdin).results():
+        yield result

@@ -1,0 +1,256 @@
+"""Where results go: JSONL, CSV, JSONL on stdout, or nowhere. Every sink has the same shape:
+``write()`` a result, ``flush()`` now and then, ``aclose()`` at the end.
+
+Results are formatted into whole lines in memory and handed to the file in one write per flush
+(through aiofiles, so a slow disk never stalls the event loop). A line is therefore either
+written whole or not at all on every normal exit, and a hard crash can at worst leave one torn
+last line, which ``--resume`` repairs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+import json
+import os
+import sys
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import aiofiles
+from aiofiles.threadpool.text import AsyncTextIOWrapper
+
+from batchclassify.errors import ConfigError
+from batchclassify.model import Result
+
+__all__ = [
+    "CSV_COLUMNS",
+    "CsvSink",
+    "JsonlSink",
+    "NullSink",
+    "Sink",
+    "StdoutSink",
+    "check_outputs",
+    "open_sinks",
+    "result_to_csv_row",
+]
+
+STDOUT = "-"
+CSV_COLUMNS = (
+    "source",
+    "status",
+    "top",
+    "confidence",
+    "predicted_classes",
+    "error",
+    "error_type",
+    "http_status",
+    "attempts",
+    "latency_ms",
+    "width",
+    "height",
+    "inference_id",
+)
+
+
+class Sink(Protocol):
+    """Anything results can be written to."""
+
+    async def write(self, result: Result) -> None: ...
+
+    async def flush(self) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+
+def result_to_csv_row(result: Result) -> list[Any]:
+    """One CSV row in :data:`CSV_COLUMNS` order; predicted classes are ``;``-joined."""
+    error = result.error
+    image = result.image or {}
+    return [
+        result.source,
+        result.status,
+        result.top if result.top is not None else "",
+        "" if result.confidence is None else result.confidence,
+        ";".join(result.predicted_classes),
+        error.message if error else "",
+        error.type if error else "",
+        error.http_status if error and error.http_status is not None else "",
+        result.attempts,
+        "" if result.latency_ms is None else result.latency_ms,
+        image.get("width", ""),
+        image.get("height", ""),
+        result.inference_id or "",
+    ]
+
+
+def _jsonl_line(result: Result) -> str:
+    return json.dumps(result.to_dict(), ensure_ascii=False, separators=(",", ":")) + "\n"
+
+
+class _BufferedFileSink:
+    """Formats results into text in memory; one file write per flush."""
+
+    def __init__(self, path: Path, handle: AsyncTextIOWrapper) -> None:
+        self.path = path
+        self._handle = handle
+        self._pending: list[str] = []
+
+    def _format(self, result: Result) -> str:
+        raise NotImplementedError
+
+    async def write(self, result: Result) -> None:
+        self._pending.append(self._format(result))
+
+    async def flush(self) -> None:
+        if self._pending:
+            text = "".join(self._pending)
+            self._pending.clear()
+            await self._handle.write(text)
+            await self._handle.flush()
+
+    async def aclose(self) -> None:
+        try:
+            await self.flush()
+            # Results are the product: make sure they reach the disk, not just the page cache.
+            await self._handle.flush()
+            fd = self._handle.fileno()
+            await asyncio.to_thread(os.fsync, fd)
+        finally:
+            await self._handle.close()
+
+
+class JsonlSink(_BufferedFileSink):
+    """One JSON object per line, the full result record."""
+
+    @classmethod
+    async def open(cls, path: Path, *, mode: str) -> JsonlSink:
+        return cls(path, await aiofiles.open(path, mode, encoding="utf-8"))
+
+    def _format(self, result: Result) -> str:
+        return _jsonl_line(result)
+
+
+class CsvSink(_BufferedFileSink):
+    """One row per result in :data:`CSV_COLUMNS`; a header when the file starts empty."""
+
+    @classmethod
+    async def open(cls, path: Path, *, mode: str) -> CsvSink:
+        handle = await aiofiles.open(path, mode, encoding="utf-8", newline="")
+        sink = cls(path, handle)
+        if await asyncio.to_thread(_is_empty, path):
+            sink._pending.append(sink._row_text(CSV_COLUMNS))
+        return sink
+
+    def _row_text(self, row: Iterable[Any]) -> str:
+        buffer = io.StringIO()
+        csv.writer(buffer, lineterminator="\n").writerow(row)
+        return buffer.getvalue()
+
+    def _format(self, result: Result) -> str:
+        return self._row_text(result_to_csv_row(result))
+
+
+class StdoutSink:
+    """JSONL on standard output (``--out -``), for piping into ``jq`` and friends."""
+
+    def __init__(self) -> None:
+        self._pending: list[str] = []
+
+    async def write(self, result: Result) -> None:
+        self._pending.append(_jsonl_line(result))
+
+    async def flush(self) -> None:
+        if self._pending:
+            try:
+                sys.stdout.write("".join(self._pending))
+                sys.stdout.flush()
+            except BrokenPipeError:
+                # `... | head`: the reader is gone; stop writing instead of crashing the run.
+                self._pending.clear()
+                return
+            self._pending.clear()
+
+    async def aclose(self) -> None:
+        await self.flush()
+
+
+class NullSink:
+    """Discards results (benchmarks, or when only the summary matters)."""
+
+    async def write(self, result: Result) -> None:
+        pass
+
+    async def flush(self) -> None:
+        pass
+
+    async def aclose(self) -> None:
+        pass
+
+
+def check_outputs(specs: Sequence[str], *, overwrite: bool, append: bool = False) -> None:
+    """Refuse, before anything is sent, to clobber existing files or write an unknown format."""
+    seen: set[str] = set()
+    for spec in specs:
+        if spec == STDOUT:
+            continue
+        path = Path(spec)
+        suffix = path.suffix.lower()
+        if suffix not in _OPENERS:
+            raise ConfigError(
+                f"cannot tell the format of output {spec!r}: use a .jsonl or .csv file name"
+            )
+        resolved = str(path.resolve())
+        if resolved in seen:
+            raise ConfigError(f"output {spec!r} is given twice")
+        seen.add(resolved)
+        if path.is_dir():
+            raise ConfigError(f"output {spec!r} is a directory")
+        if not path.parent.is_dir():
+            raise ConfigError(f"the folder for output {spec!r} does not exist")
+        if path.exists() and not (overwrite or append):
+            raise ConfigError(
+                f"output {spec!r} already exists; pass --overwrite to replace it "
+                "(or choose another --out)"
+            )
+
+
+async def open_sinks(
+    specs: Sequence[str], *, overwrite: bool = False, append: bool = False
+) -> list[Sink]:
+    """Open every ``--out``; ``x`` mode makes a file that appeared meanwhile an error too."""
+    check_outputs(specs, overwrite=overwrite, append=append)
+    mode = "a" if append else ("w" if overwrite else "x")
+    sinks: list[Sink] = []
+    try:
+        for spec in specs:
+            if spec == STDOUT:
+                sinks.append(StdoutSink())
+                continue
+            path = Path(spec)
+            try:
+                sinks.append(await _OPENERS[path.suffix.lower()](path, mode=mode))
+            except FileExistsError:
+                raise ConfigError(
+                    f"output {spec!r} already exists; pass --overwrite to replace it"
+                ) from None
+            except OSError as exc:
+                raise ConfigError(f"cannot write output {spec!r}: {exc.strerror}") from None
+    except BaseException:
+        for sink in sinks:
+            await sink.aclose()
+        raise
+    return sinks
+
+
+_OPENERS = {
+    ".jsonl": JsonlSink.open,
+    ".ndjson": JsonlSink.open,
+    ".csv": CsvSink.open,
+}
+
+
+def _is_empty(path: Path) -> bool:
+    return path.stat().st_size == 0

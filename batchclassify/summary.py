@@ -1,0 +1,118 @@
+"""Running totals for a run and the summary printed at its end, in constant memory."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from batchclassify.model import Result
+
+__all__ = ["LatencyHistogram", "RunStats"]
+
+
+class LatencyHistogram:
+    """Percentiles without keeping every sample: log-spaced buckets 2% wide, so a million
+    latencies cost a few hundred counters and percentiles are good to about 1%."""
+
+    _BASE = math.log(1.02)
+
+    def __init__(self) -> None:
+        self._buckets: Counter[int] = Counter()
+        self.count = 0
+
+    def add(self, milliseconds: float) -> None:
+        self._buckets[int(math.log(max(milliseconds, 0.01)) / self._BASE)] += 1
+        self.count += 1
+
+    def percentile(self, q: float) -> float | None:
+        if not self.count:
+            return None
+        rank = max(1, math.ceil(q / 100 * self.count))
+        seen = 0
+        for bucket in sorted(self._buckets):
+            seen += self._buckets[bucket]
+            if seen >= rank:
+                return round(math.exp((bucket + 0.5) * self._BASE), 1)
+        return None  # pragma: no cover - rank <= count
+
+
+@dataclass
+class RunStats:
+    """What happened so far; the summary is derived from it."""
+
+    started: float = field(default_factory=time.monotonic)
+    finished: float | None = None
+    total: int = 0
+    ok: int = 0
+    failed_by_type: Counter[str] = field(default_factory=Counter)
+    classes: Counter[str] = field(default_factory=Counter)
+    latency: LatencyHistogram = field(default_factory=LatencyHistogram)
+    requests_sent: int = 0
+    interrupted: bool = False
+    aborted: str | None = None
+
+    def add(self, result: Result) -> None:
+        self.total += 1
+        if result.ok:
+            self.ok += 1
+            if result.top:
+                self.classes[result.top] += 1
+            if result.latency_ms is not None:
+                self.latency.add(result.latency_ms)
+        else:
+            self.failed_by_type[result.error.type if result.error else "error"] += 1
+
+    @property
+    def failed(self) -> int:
+        return self.total - self.ok
+
+    @property
+    def elapsed(self) -> float:
+        return (self.finished or time.monotonic()) - self.started
+
+    @property
+    def images_per_second(self) -> float:
+        return self.total / self.elapsed if self.elapsed > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "total": self.total,
+            "ok": self.ok,
+            "failed": self.failed,
+            "failed_by_type": dict(self.failed_by_type.most_common()),
+            "elapsed_s": round(self.elapsed, 3),
+            "images_per_s": round(self.images_per_second, 2),
+            "requests_sent": self.requests_sent,
+            "latency_ms": {f"p{q}": self.latency.percentile(q) for q in (50, 95, 99)},
+            "top_classes": dict(self.classes.most_common(10)),
+            "interrupted": self.interrupted,
+            "aborted": self.aborted,
+        }
+
+    def format(self) -> str:
+        """The human summary printed to stderr at the end of a run."""
+        data = self.to_dict()
+        lines = [
+            f"{data['total']} images in {data['elapsed_s']:.1f} s "
+            f"({data['images_per_s']:.1f} images/s): {data['ok']} ok, {data['failed']} failed",
+        ]
+        if self.failed_by_type:
+            parts = ", ".join(f"{name} {count}" for name, count in self.failed_by_type.items())
+            lines.append(f"  failed by type: {parts}")
+        latency = data["latency_ms"]
+        if latency["p50"] is not None:
+            lines.append(
+                f"  latency p50 {latency['p50']:.0f} ms, p95 {latency['p95']:.0f} ms, "
+                f"p99 {latency['p99']:.0f} ms; {self.requests_sent} requests sent"
+            )
+        if self.classes:
+            parts = ", ".join(f"{name} {count}" for name, count in self.classes.most_common(5))
+            lines.append(f"  top classes: {parts}")
+        if self.interrupted:
+            lines.append("  interrupted: the results above are complete for what was written")
+        if self.aborted:
+            lines.append(f"  aborted: {self.aborted}")
+        return "\n".join(lines)

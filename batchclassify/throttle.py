@@ -1,0 +1,184 @@
+"""How fast the run may send: a fixed ceiling, an adaptive rate, a shared cooldown, an outage gate.
+
+Every attempt passes :meth:`Throttle.acquire` before it is sent and reports back how it went:
+
+- ``--rate R`` is a hard ceiling, enforced by :class:`aiolimiter.AsyncLimiter`.
+- Adaptive control (on by default) starts unlimited and reacts to the server: a 429 or 503 cuts
+  the allowed rate to a fraction of the success rate just measured (multiplicative decrease) and
+  every success raises it a little (additive increase), so the run settles just under whatever
+  limit the server enforces without the user having to know it. aiolimiter's rate is fixed at
+  construction, so the adaptive part is a small pacer of its own that spaces sends ``1/rate``
+  apart.
+- ``Retry-After`` on a 429/503 pauses *all* workers until then (a shared cooldown), not just the
+  one that got it.
+- When the server looks down (many consecutive connection errors, timeouts or 5xx with no
+  success in between) the gate closes: workers wait instead of burning their retries, and one
+  probe request at a time is let through with growing intervals until one succeeds. If the outage
+  lasts longer than ``max_outage`` seconds the run is aborted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+from collections import deque
+from dataclasses import dataclass
+
+from aiolimiter import AsyncLimiter
+
+from batchclassify.errors import RunAborted
+
+__all__ = ["Throttle", "ThrottleOptions"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ThrottleOptions:
+    rate: float | None = None
+    adaptive: bool = True
+    #: consecutive failures (no success between) that mean "the server is down"
+    outage_after: int = 16
+    #: give up when the server has been down for this long (seconds); ``None`` waits forever
+    max_outage: float | None = 600.0
+    #: the adaptive rate never drops below this (requests/s)
+    min_rate: float = 0.2
+    #: multiplicative decrease applied to the measured success rate on a 429/503
+    decrease: float = 0.85
+    #: additive increase, as a fraction of the rate at the last cut, per second of successes
+    increase: float = 0.02
+    #: window over which the success rate is measured (seconds)
+    window: float = 2.0
+    first_probe_delay: float = 0.5
+    max_probe_delay: float = 15.0
+
+
+class Throttle:
+    """Shared by every worker of one run; create it inside the running event loop."""
+
+    def __init__(self, options: ThrottleOptions | None = None) -> None:
+        self.options = options or ThrottleOptions()
+        rate = self.options.rate
+        self._ceiling = AsyncLimiter(rate, 1.0) if rate else None
+        self._loop = asyncio.get_running_loop()
+        self._rate = math.inf
+        self._rate_at_cut = math.inf
+        self._next_slot = 0.0
+        self._last_cut = -math.inf
+        self._resume_at = 0.0
+        self._ok_times: deque[float] = deque()
+        self._consecutive_failures = 0
+        self._outage_since: float | None = None
+        self._gate_open = asyncio.Event()
+        self._gate_open.set()
+        self._probe_in_flight = False
+        self._probe_delay = self.options.first_probe_delay
+        self._next_probe = 0.0
+        self.throttled = 0
+        self.cuts = 0
+
+    @property
+    def rate(self) -> float:
+        """The adaptive rate in requests/s (``inf`` while the server has not pushed back)."""
+        return self._rate
+
+    @property
+    def in_outage(self) -> bool:
+        return self._outage_since is not None
+
+    async def acquire(self) -> float:
+        """Wait until one more request may be sent; returns a ticket (the send time) to hand
+        back to :meth:`success` or :meth:`failure`."""
+        await self._pass_gate()
+        # A loop, not one sleep: another 429 may push the cooldown further while we wait.
+        while (delay := self._resume_at - self._loop.time()) > 0:  # noqa: ASYNC110
+            await asyncio.sleep(delay)
+        if self._rate != math.inf:
+            now = self._loop.time()
+            slot = max(now, self._next_slot)
+            self._next_slot = slot + 1.0 / self._rate
+            if slot > now:
+                await asyncio.sleep(slot - now)
+        if self._ceiling is not None:
+            await self._ceiling.acquire()
+        return self._loop.time()
+
+    def success(self, ticket: float) -> None:
+        now = self._loop.time()
+        self._ok_times.append(now)
+        self._consecutive_failures = 0
+        if self._outage_since is not None:
+            self._end_outage()
+        if self._rate != math.inf and self.options.adaptive:
+            # +increase * rate_at_cut per second of successes, spread over the successes.
+            step = max(self.options.increase * self._rate_at_cut, 0.05)
+            self._rate += step / self._rate
+
+    def failure(self, ticket: float, *, status: int | None, retry_after: float | None) -> None:
+        """Report a transient failure: ``status`` is the HTTP status, ``None`` for a timeout or
+        a connection error."""
+        now = self._loop.time()
+        self._probe_in_flight = False
+        if retry_after:
+            self._resume_at = max(self._resume_at, now + retry_after)
+        if status in (429, 503):
+            self.throttled += 1
+            if self.options.adaptive and ticket >= self._last_cut:
+                # Requests sent before the last cut were already paid for by that cut.
+                self._cut(now)
+        if status != 429:
+            # A 429 means the server is up and busy; everything else here may mean it is down.
+            self._consecutive_failures += 1
+            if self._consecutive_failures >= self.options.outage_after:
+                self._begin_outage(now)
+        if self._outage_since is not None:
+            self._next_probe = now + self._probe_delay
+            self._probe_delay = min(self._probe_delay * 2, self.options.max_probe_delay)
+
+    def release(self) -> None:
+        """An acquired slot was not used for a request with an outcome (e.g. cancelled)."""
+        self._probe_in_flight = False
+
+    # --- adaptive rate ---------------------------------------------------------------------
+
+    def _cut(self, now: float) -> None:
+        while self._ok_times and self._ok_times[0] < now - self.options.window:
+            self._ok_times.popleft()
+        measured = len(self._ok_times) / self.options.window
+        base = min(self._rate, measured) if measured > 0 else min(self._rate, 2.0)
+        self._rate = max(self.options.min_rate, base * self.options.decrease)
+        self._rate_at_cut = self._rate
+        self._last_cut = now
+        self._next_slot = now + 1.0 / self._rate
+        self.cuts += 1
+
+    # --- outage gate -----------------------------------------------------------------------
+
+    def _begin_outage(self, now: float) -> None:
+        if self._outage_since is None:
+            self._outage_since = now
+            self._gate_open.clear()
+            self._next_probe = now + self._probe_delay
+
+    def _end_outage(self) -> None:
+        self._outage_since = None
+        self._probe_in_flight = False
+        self._probe_delay = self.options.first_probe_delay
+        self._gate_open.set()
+
+    async def _pass_gate(self) -> None:
+        while self._outage_since is not None:
+            limit = self.options.max_outage
+            now = self._loop.time()
+            if limit is not None and now - self._outage_since > limit:
+                raise RunAborted(
+                    f"the server has been unreachable or failing for over {limit:.0f} s; "
+                    "stopping (check the endpoint, or raise --max-outage)"
+                )
+            if not self._probe_in_flight and now >= self._next_probe:
+                self._probe_in_flight = True
+                return
+            wait = max(self._next_probe - now, 0.05)
+            if limit is not None:
+                wait = min(wait, max(self._outage_since + limit - now, 0.0) + 0.01)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._gate_open.wait(), timeout=wait)
