@@ -18,6 +18,7 @@ from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt
 
 from batchclassify.errors import (
     ConfigError,
+    ItemRejectedError,
     RequestError,
     RequestTimeout,
     TransientApiError,
@@ -231,18 +232,23 @@ class ClassifyClient:
                 if response.status != 200:
                     text = await response.text(errors="replace")
                     message = _error_message(response.status, text)
-                    raise error_for_status(
+                    # The image's host, not the classify service: its 404 is this item's problem.
+                    error = error_for_status(
                         response.status,
                         self._redact(f"downloading the image failed: {message}"),
                         retry_after=parse_retry_after(response.headers.get("Retry-After")),
                     )
+                    if not is_transient(error):
+                        error = ItemRejectedError(str(error), http_status=response.status)
+                    raise error
                 chunks: list[bytes] = []
                 size = 0
                 async for chunk in response.content.iter_chunked(1 << 16):
                     size += len(chunk)
                     if size > max_bytes:
-                        raise error_for_status(
-                            413, f"the image at the URL is larger than {max_bytes} bytes"
+                        raise ItemRejectedError(
+                            f"the image at the URL is larger than {max_bytes} bytes",
+                            http_status=None,
                         )
                     chunks.append(chunk)
                 return b"".join(chunks)
@@ -251,7 +257,7 @@ class ClassifyClient:
                 f"download took longer than {self.options.timeout:g} s (--timeout)"
             ) from None
         except aiohttp.InvalidURL:
-            raise error_for_status(400, f"invalid URL: {self._redact(url)}") from None
+            raise ItemRejectedError(f"invalid URL: {self._redact(url)}", http_status=None) from None
         except aiohttp.ClientError as exc:
             raise TransportError(self._describe(exc)) from None
 

@@ -44,8 +44,8 @@ class ThrottleOptions:
     min_rate: float = 0.2
     #: multiplicative decrease applied to the measured success rate on a 429/503
     decrease: float = 0.85
-    #: additive increase, as a fraction of the rate at the last cut, per second of successes
-    increase: float = 0.02
+    #: additive increase per second of successes, as a fraction of the rate set at the last cut
+    increase: float = 0.1
     #: window over which the success rate is measured (seconds)
     window: float = 2.0
     first_probe_delay: float = 0.5
@@ -92,15 +92,24 @@ class Throttle:
         # A loop, not one sleep: another 429 may push the cooldown further while we wait.
         while (delay := self._resume_at - self._loop.time()) > 0:  # noqa: ASYNC110
             await asyncio.sleep(delay)
-        if self._rate != math.inf:
-            now = self._loop.time()
-            slot = max(now, self._next_slot)
-            self._next_slot = slot + 1.0 / self._rate
-            if slot > now:
-                await asyncio.sleep(slot - now)
+        await self._pace()
         if self._ceiling is not None:
             await self._ceiling.acquire()
         return self._loop.time()
+
+    async def _pace(self) -> None:
+        """Space sends ``1/rate`` apart. No slot is reserved ahead: a waiter re-checks after its
+        sleep, so a cut made meanwhile applies to it at once (reserved slots at the old spacing
+        would overrun the server right after it pushed back)."""
+        while self._rate != math.inf:
+            now = self._loop.time()
+            if now >= self._next_slot:
+                interval = 1.0 / self._rate
+                # Keep the lost sleep overshoot (a ms or so), but never bank idle time as a burst.
+                base = self._next_slot if now - self._next_slot < interval else now
+                self._next_slot = base + interval
+                return
+            await asyncio.sleep(self._next_slot - now)
 
     def success(self, ticket: float) -> None:
         now = self._loop.time()
@@ -109,9 +118,8 @@ class Throttle:
         if self._outage_since is not None:
             self._end_outage()
         if self._rate != math.inf and self.options.adaptive:
-            # +increase * rate_at_cut per second of successes, spread over the successes.
-            step = max(self.options.increase * self._rate_at_cut, 0.05)
-            self._rate += step / self._rate
+            # Additive: +increase x (rate set at the last cut) per second's worth of successes.
+            self._rate += self.options.increase * self._rate_at_cut / self._rate
 
     def failure(self, ticket: float, *, status: int | None, retry_after: float | None) -> None:
         """Report a transient failure: ``status`` is the HTTP status, ``None`` for a timeout or
@@ -141,11 +149,14 @@ class Throttle:
     # --- adaptive rate ---------------------------------------------------------------------
 
     def _cut(self, now: float) -> None:
-        while self._ok_times and self._ok_times[0] < now - self.options.window:
+        window = self.options.window
+        while self._ok_times and self._ok_times[0] < now - window:
             self._ok_times.popleft()
-        measured = len(self._ok_times) / self.options.window
-        base = min(self._rate, measured) if measured > 0 else min(self._rate, 2.0)
-        self._rate = max(self.options.min_rate, base * self.options.decrease)
+        # Successes per second lately; over at least a second, so that the burst a token bucket
+        # grants at the start does not pass for the sustained rate.
+        span = max(min(window, now - self._ok_times[0]) if self._ok_times else window, 1.0)
+        measured = max(len(self._ok_times) / span, 1.0)
+        self._rate = max(self.options.min_rate, min(self._rate, measured) * self.options.decrease)
         self._rate_at_cut = self._rate
         self._last_cut = now
         self._next_slot = now + 1.0 / self._rate

@@ -1,0 +1,151 @@
+"""Fault injection over real HTTP: retries, throttling, outages, timeouts, redaction."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+from conftest import StartEmulator
+from helpers import emulator_stats, make_image
+
+from batchclassify import ClientOptions, PipelineOptions, RunAborted, iter_results, run
+from batchclassify.retry import RetryPolicy
+from batchclassify.throttle import ThrottleOptions
+
+KEY = "sekret-key-123456"
+
+
+def make_files(root: Path, count: int) -> list[Path]:
+    return [make_image(root / f"{n:04d}.png", seed=n, size=(24, 24)) for n in range(count)]
+
+
+def client(url: str, **changes: object) -> ClientOptions:
+    base: dict[str, object] = {
+        "endpoint": url,
+        "model": "demo",
+        "version": 1,
+        "api_key": KEY,
+        "concurrency": 8,
+        "timeout": 0.5,
+        "connect_timeout": 0.5,
+        "retry": RetryPolicy(attempts=15, initial=0.01, max_wait=0.1),
+    }
+    base.update(changes)
+    return ClientOptions(**base)  # type: ignore[arg-type]
+
+
+async def test_every_item_survives_a_hostile_server(
+    tmp_path: Path, start_emulator: StartEmulator
+) -> None:
+    url = await start_emulator(
+        fail_rate=0.30, reset_rate=0.05, hang_rate=0.02, garbage_rate=0.02, seed=4
+    )
+    files = make_files(tmp_path / "in", 150)
+    out = tmp_path / "out.jsonl"
+    # A larger outage threshold: with ~40% of attempts failing, runs of failures are normal.
+    options = PipelineOptions(
+        client=client(url), throttle=ThrottleOptions(outage_after=30, adaptive=False)
+    )
+    stats = await run([str(tmp_path / "in")], options, outputs=[str(out)])
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted(r["source"] for r in records) == sorted(map(str, files))
+    assert all(r["status"] == "ok" for r in records), [r for r in records if r["status"] != "ok"]
+    assert stats.ok == 150
+    served = await emulator_stats(url)
+    assert served["requests"] > 150  # faults really happened and were retried
+    assert max(r["attempts"] for r in records) > 1
+    assert served["distinct_images"] == 150
+
+
+async def test_adaptive_rate_settles_under_the_server_limit(
+    tmp_path: Path, start_emulator: StartEmulator
+) -> None:
+    limit = 40.0
+    url = await start_emulator(rate_limit=limit)
+    make_files(tmp_path / "in", 200)
+    options = PipelineOptions(client=client(url, concurrency=16, timeout=5.0))
+    started = time.monotonic()
+    results = [r async for r in iter_results([str(tmp_path / "in")], options)]
+    elapsed = time.monotonic() - started
+    assert all(r.ok for r in results) and len(results) == 200
+    served = await emulator_stats(url)
+    throttled = served["by_status"].get("429", 0)
+    # The bucket starts full (limit tokens), so the sustained part is (200 - limit) requests.
+    assert (200 - limit) / elapsed >= 0.85 * limit, elapsed
+    assert throttled / served["requests"] < 0.05, served
+
+
+async def test_retry_after_is_honoured(tmp_path: Path, start_emulator: StartEmulator) -> None:
+    url = await start_emulator(rate_limit=1.0, rate_limit_burst=1, rate_limit_retry_after=1)
+    make_files(tmp_path / "in", 3)
+    options = PipelineOptions(
+        client=client(url, concurrency=3, timeout=5.0), throttle=ThrottleOptions(adaptive=False)
+    )
+    started = time.monotonic()
+    results = [r async for r in iter_results([str(tmp_path / "in")], options)]
+    assert all(r.ok for r in results)
+    # Three requests through a 1/s bucket honouring Retry-After: 1 take about two seconds, and
+    # the shared cooldown keeps the 429s to the ones sent before the first answer came back.
+    assert time.monotonic() - started >= 1.9
+    served = await emulator_stats(url)
+    assert served["by_status"].get("429", 0) <= 4
+
+
+async def test_unreachable_server_pauses_then_aborts(tmp_path: Path) -> None:
+    make_files(tmp_path / "in", 30)
+    # Nothing listens on port 1 of loopback: every connection is refused at once.
+    options = PipelineOptions(
+        client=client("http://127.0.0.1:1", concurrency=4),
+        throttle=ThrottleOptions(outage_after=4, max_outage=1.0, first_probe_delay=0.1),
+    )
+    started = time.monotonic()
+    with pytest.raises(RunAborted, match="unreachable"):
+        [r async for r in iter_results([str(tmp_path / "in")], options)]
+    assert time.monotonic() - started < 10
+
+
+async def test_hung_server_times_out_and_fails_the_item(
+    tmp_path: Path, start_emulator: StartEmulator
+) -> None:
+    url = await start_emulator(hang_rate=1.0)
+    make_files(tmp_path / "in", 2)
+    options = PipelineOptions(
+        client=client(url, concurrency=2, timeout=0.3, retry=RetryPolicy(attempts=2, initial=0)),
+        throttle=ThrottleOptions(adaptive=False),
+    )
+    started = time.monotonic()
+    results = [r async for r in iter_results([str(tmp_path / "in")], options)]
+    assert time.monotonic() - started < 5
+    assert [r.error.type for r in results if r.error] == ["timeout", "timeout"]
+    assert all(r.attempts == 2 for r in results)
+
+
+async def test_garbage_bodies_are_retried_then_reported(
+    tmp_path: Path, start_emulator: StartEmulator
+) -> None:
+    url = await start_emulator(garbage_rate=1.0)
+    make_files(tmp_path / "in", 1)
+    options = PipelineOptions(
+        client=client(url, retry=RetryPolicy(attempts=3, initial=0)),
+        throttle=ThrottleOptions(adaptive=False),
+    )
+    [result] = [r async for r in iter_results([str(tmp_path / "in")], options)]
+    assert result.status == "error" and result.error is not None
+    assert "malformed" in result.error.message or "no predictions" in result.error.message
+    assert result.attempts == 3
+
+
+async def test_key_never_appears_in_errors(tmp_path: Path, start_emulator: StartEmulator) -> None:
+    url = await start_emulator(reset_rate=1.0)
+    make_files(tmp_path / "in", 2)
+    options = PipelineOptions(
+        client=client(url, retry=RetryPolicy(attempts=2, initial=0)),
+        throttle=ThrottleOptions(adaptive=False),
+    )
+    out = tmp_path / "out.jsonl"
+    await run([str(tmp_path / "in")], options, outputs=[str(out)])
+    text = out.read_text()
+    assert '"connection"' in text
+    assert KEY not in text and "api_key=" + KEY not in text
