@@ -81,7 +81,7 @@ def _iter_spec(spec: str, options: SourceOptions, stdin: TextIO | None) -> Itera
     if _SCHEME.match(spec):
         yield _url_item(spec, spec)
         return
-    path = Path(spec).expanduser()
+    path = Path(os.path.expanduser(spec))
     if path.is_dir():
         yield from _walk_directory(path, options)
     elif path.suffix.lower() in LIST_SUFFIXES and path.is_file():
@@ -104,7 +104,7 @@ def _entry_item(value: str, base: Path) -> Item:
     """An entry of a list: a URL, or a path relative to the list's folder."""
     if _SCHEME.match(value):
         return _url_item(value, value)
-    path = Path(value).expanduser()
+    path = Path(os.path.expanduser(value))
     if not path.is_absolute():
         path = base / path
     return Item(source=str(path), path=path)
