@@ -277,8 +277,8 @@ def _drain(queue: asyncio.Queue[Item | None], ends: int) -> None:
 _FATAL_HINTS = {
     401: "the API key is missing or invalid: check ROBOFLOW_API_KEY or --api-key",
     402: "the workspace is out of credits: top up, or wait for the billing period",
-    403: "the API key is not allowed to use this model (or the model does not exist): "
-    "check --model and the key's workspace",
+    403: "the API key was refused for this model (wrong key, another workspace's key, or no "
+    "such model): check ROBOFLOW_API_KEY / --api-key and --model",
     404: "the model or version was not found: check --model PROJECT/VERSION and --endpoint",
     422: "the service rejected a request parameter: check --confidence and other options",
     423: "usage of this workspace is paused: check the Roboflow dashboard",

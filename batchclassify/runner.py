@@ -12,6 +12,7 @@ summary. The CLI is a thin layer over this; library users can call it directly::
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sys
 import time
@@ -65,19 +66,21 @@ async def run(
     try:
         last_flush = time.monotonic()
         pending = 0
-        async for result in pipeline.results():
-            stats.add(result)
-            for sink in all_sinks:
-                await sink.write(result)
-            pending += 1
-            if bar is not None:
-                bar.update(1)
-                if stats.total % 16 == 1 or not result.ok:
-                    bar.set_postfix(ok=stats.ok, failed=stats.failed, refresh=False)
-            now = time.monotonic()
-            if pending >= FLUSH_EVERY or now - last_flush >= FLUSH_INTERVAL:
-                await asyncio.gather(*(sink.flush() for sink in all_sinks))
-                last_flush, pending = now, 0
+        # aclosing: an exception in a sink must stop the workers now, not at garbage collection.
+        async with contextlib.aclosing(pipeline.results()) as results:
+            async for result in results:
+                stats.add(result)
+                for sink in all_sinks:
+                    await sink.write(result)
+                pending += 1
+                if bar is not None:
+                    bar.update(1)
+                    if stats.total % 16 == 1 or not result.ok:
+                        bar.set_postfix(ok=stats.ok, failed=stats.failed, refresh=False)
+                now = time.monotonic()
+                if pending >= FLUSH_EVERY or now - last_flush >= FLUSH_INTERVAL:
+                    await asyncio.gather(*(sink.flush() for sink in all_sinks))
+                    last_flush, pending = now, 0
     except RunAborted as exc:
         stats.aborted = str(exc)
         exc.stats = stats

@@ -113,6 +113,4 @@ class RunStats:
             lines.append(f"  top classes: {parts}")
         if self.interrupted:
             lines.append("  interrupted: the results above are complete for what was written")
-        if self.aborted:
-            lines.append(f"  aborted: {self.aborted}")
         return "\n".join(lines)

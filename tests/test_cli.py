@@ -1,0 +1,256 @@
+"""The ``batchclassify`` command as a user runs it: a subprocess against a real emulator."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+from conftest import StartEmulator
+from helpers import emulator_stats, make_image
+
+REPO = Path(__file__).resolve().parent.parent
+KEY = "cli-secret-key-987"
+
+
+async def cli(
+    *args: str, env: dict[str, str] | None = None, stdin: bytes | None = None, timeout: float = 60
+) -> tuple[int, str, str]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "batchclassify",
+        *args,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "ROBOFLOW_API_KEY": "", **(env or {})},
+    )
+    out, err = await asyncio.wait_for(process.communicate(stdin), timeout)
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def files(root: Path, count: int) -> list[Path]:
+    return [make_image(root / f"{n:03d}.jpg", seed=n, size=(32, 24)) for n in range(count)]
+
+
+async def test_quickstart_command_from_the_readme(tmp_path: Path) -> None:
+    readme = (REPO / "README.md").read_text()
+    assert "batchclassify run samples/ --model demo/1 --emulate" in readme
+    out = tmp_path / "results.jsonl"
+    table = tmp_path / "results.csv"
+    code, stdout, stderr = await cli(
+        "run",
+        str(REPO / "samples"),
+        "--model",
+        "demo/1",
+        "--emulate",
+        "--out",
+        str(out),
+        "--out",
+        str(table),
+    )
+    assert code == 0, stderr
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(records) == len(list((REPO / "samples").rglob("*.*"))) >= 5
+    assert all(record["status"] == "ok" for record in records)
+    assert "ok, 0 failed" in stderr
+    assert len(read_csv(table)) == len(records)
+
+
+async def test_failed_items_exit_1_and_key_never_leaks(
+    tmp_path: Path, start_emulator: StartEmulator
+) -> None:
+    url = await start_emulator()
+    files(tmp_path / "in", 5)
+    (tmp_path / "in" / "bad.jpg").write_text("not an image")
+    out, table, summary = tmp_path / "r.jsonl", tmp_path / "r.csv", tmp_path / "s.json"
+    code, stdout, stderr = await cli(
+        "run",
+        str(tmp_path / "in"),
+        "--model",
+        "ws/demo/1",
+        "--endpoint",
+        url,
+        "--out",
+        str(out),
+        "--out",
+        str(table),
+        "--summary",
+        str(summary),
+        env={"ROBOFLOW_API_KEY": KEY},
+    )
+    assert code == 1, stderr
+    assert "5 ok, 1 failed" in stderr
+    data = json.loads(summary.read_text())
+    assert data["total"] == 6 and data["ok"] == 5 and data["failed_by_type"]
+    for text in (stdout, stderr, out.read_text(), table.read_text(), summary.read_text()):
+        assert KEY not in text
+
+
+async def test_existing_output_is_refused_unless_overwrite(
+    tmp_path: Path, start_emulator: StartEmulator
+) -> None:
+    url = await start_emulator()
+    files(tmp_path / "in", 2)
+    out = tmp_path / "r.jsonl"
+    out.write_text("precious\n")
+    args = ["run", str(tmp_path / "in"), "--model", "demo/1", "--endpoint", url, "-o", str(out)]
+    code, _, stderr = await cli(*args, "--api-key", KEY)
+    assert code == 2
+    assert "already exists" in stderr and "--overwrite" in stderr
+    assert out.read_text() == "precious\n"
+    assert (await emulator_stats(url))["requests"] == 0
+    code, _, stderr = await cli(*args, "--api-key", KEY, "--overwrite")
+    assert code == 0, stderr
+    assert len(out.read_text().splitlines()) == 2
+
+
+async def test_stdout_output_and_stdin_source(
+    tmp_path: Path, start_emulator: StartEmulator
+) -> None:
+    url = await start_emulator()
+    images = files(tmp_path / "in", 3)
+    listing = "\n".join(map(str, images)).encode()
+    code, stdout, stderr = await cli(
+        "run",
+        "-",
+        "--model",
+        "demo/1",
+        "--endpoint",
+        url,
+        "--api-key",
+        KEY,
+        "--out",
+        "-",
+        stdin=listing,
+    )
+    assert code == 0, stderr
+    assert sorted(json.loads(line)["source"] for line in stdout.splitlines()) == sorted(
+        map(str, images)
+    )
+
+
+async def test_usage_errors_exit_2(tmp_path: Path) -> None:
+    code, _, stderr = await cli("run", str(tmp_path), "--model", "nonsense")
+    assert code == 2 and "PROJECT/VERSION" in stderr
+    code, _, stderr = await cli("run", str(tmp_path), "--model", "demo/1")
+    assert code == 2 and "ROBOFLOW_API_KEY" in stderr
+    code, _, stderr = await cli(
+        "run", str(tmp_path), "--model", "demo/1", "--emulate", "--concurrency", "0"
+    )
+    assert code == 2 and "--concurrency" in stderr
+    code, _, stderr = await cli(
+        "run", str(tmp_path), "--model", "demo/1", "--emulate", "--out", str(tmp_path / "x.xlsx")
+    )
+    assert code == 2 and ".jsonl or .csv" in stderr
+    code, _, _ = await cli("run")
+    assert code == 2
+
+
+async def test_wrong_key_stops_fast_with_exit_2(
+    tmp_path: Path, start_emulator: StartEmulator
+) -> None:
+    url = await start_emulator(api_key="the-real-key")
+    files(tmp_path / "in", 100)
+    out = tmp_path / "r.jsonl"
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    code, stdout, stderr = await cli(
+        "run",
+        str(tmp_path / "in"),
+        "--model",
+        "demo/1",
+        "--endpoint",
+        url,
+        "--concurrency",
+        "4",
+        "--out",
+        str(out),
+        env={"ROBOFLOW_API_KEY": KEY},
+    )
+    assert code == 2, stderr
+    assert loop.time() - started < 15
+    assert "API key" in stderr and "ROBOFLOW_API_KEY" in stderr
+    assert (await emulator_stats(url))["requests"] <= 4
+    for text in (stdout, stderr, out.read_text()):
+        assert KEY not in text
+
+
+async def test_sigint_mid_run_flushes_and_exits_130(
+    tmp_path: Path, start_emulator: StartEmulator
+) -> None:
+    url = await start_emulator(latency_ms=40)
+    files(tmp_path / "in", 300)
+    out, table = tmp_path / "r.jsonl", tmp_path / "r.csv"
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "batchclassify",
+        "run",
+        str(tmp_path / "in"),
+        "--model",
+        "demo/1",
+        "--endpoint",
+        url,
+        "--api-key",
+        KEY,
+        "--concurrency",
+        "4",
+        "--out",
+        str(out),
+        "--out",
+        str(table),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    for _ in range(200):  # wait until results are flowing
+        await asyncio.sleep(0.05)
+        if out.exists() and out.stat().st_size > 0:
+            break
+    process.send_signal(signal.SIGINT)
+    _, err = await asyncio.wait_for(process.communicate(), 30)
+    stderr = err.decode()
+    assert process.returncode == 130, stderr
+    assert "interrupted" in stderr and "images in" in stderr
+    lines = out.read_text().splitlines()
+    records = [json.loads(line) for line in lines]  # every line parses
+    assert 0 < len(records) < 300
+    rows = read_csv(table)
+    assert [row["source"] for row in rows] == [record["source"] for record in records]
+    served = await emulator_stats(url)
+    assert served["requests"] == len(records)  # nothing sent that was not written
+
+
+async def test_help_explains_every_option() -> None:
+    code, stdout, _ = await cli("run", "--help")
+    assert code == 0
+    for option in (
+        "--model",
+        "--endpoint",
+        "--api-key",
+        "--out",
+        "--overwrite",
+        "--concurrency",
+        "--rate",
+        "--retries",
+        "--timeout",
+        "--max-size",
+        "--emulate",
+        "--fetch-urls",
+        "--no-progress",
+        "--summary",
+        "--max-failures",
+        "examples:",
+    ):
+        assert option in stdout
