@@ -49,7 +49,7 @@ async def test_quickstart_command_from_the_readme(tmp_path: Path) -> None:
     assert "batchclassify run samples/ --model demo/1 --emulate" in readme
     out = tmp_path / "results.jsonl"
     table = tmp_path / "results.csv"
-    code, stdout, stderr = await cli(
+    code, _stdout, stderr = await cli(
         "run",
         str(REPO / "samples"),
         "--model",
