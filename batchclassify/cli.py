@@ -9,14 +9,14 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
-from batchclassify import __version__, emulator
+from batchclassify import __version__, emulator, report
 from batchclassify.config import RunSettings
-from batchclassify.errors import BatchClassifyError, ConfigError, RunAborted, redact
+from batchclassify.errors import ConfigError, RunAborted, redact
 from batchclassify.pipeline import Pipeline
 from batchclassify.runner import run
-from batchclassify.summary import RunStats
 
 EXIT_OK = 0
 EXIT_FAILED_ITEMS = 1
@@ -42,6 +42,16 @@ exit codes: 0 all ok, 1 finished with failed items, 2 usage/configuration/fatal 
 """
 
 
+SCAN_EPILOG = """\
+examples:
+  # every 10 minutes from cron: only new or changed files cost an API call
+  */10 * * * * batchclassify scan /data/incoming --model flowers-abc12/3 --out /data/labels.jsonl
+
+  # or keep running, scanning every 10 minutes until stopped
+  batchclassify scan /data/incoming --model flowers-abc12/3 --out labels.jsonl --interval 600
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="batchclassify",
@@ -58,6 +68,59 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_run_arguments(run_parser)
+
+    scan_parser = commands.add_parser(
+        "scan",
+        help="classify only new or changed files in folders (for cron / systemd timers)",
+        description="Classify the files that are new or changed since the last scan and append "
+        "their results. The state file remembers what was done; a lock keeps two scans of the "
+        "same state from running at once.",
+        epilog=SCAN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_run_arguments(scan_parser)
+    scan_parser.add_argument(
+        "--interval",
+        type=float,
+        metavar="S",
+        help="keep scanning every S seconds until interrupted (default: scan once)",
+    )
+
+    report_parser = commands.add_parser(
+        "report",
+        help="write a self-contained HTML report of a results JSONL file",
+        description="Summarise a results JSONL file as one self-contained HTML page: totals, "
+        "class distribution, confidence histogram, the least confident images, errors and "
+        "latency.",
+        epilog="example:\n  batchclassify report results.jsonl -o report.html --summary s.json",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    report_parser.add_argument(
+        "results", metavar="RESULTS.jsonl", help="results written by run --out"
+    )
+    report_parser.add_argument(
+        "--out", "-o", metavar="FILE.html", help="where to write the page (default: RESULTS.html)"
+    )
+    report_parser.add_argument(
+        "--summary", metavar="FILE.json", help="the run's --summary file, for elapsed time and rate"
+    )
+    report_parser.add_argument(
+        "--overwrite", action="store_true", help="replace an existing report"
+    )
+    report_parser.add_argument(
+        "--thumbnails",
+        type=int,
+        default=24,
+        metavar="N",
+        help="least confident images to show (default %(default)s; 0: none)",
+    )
+    report_parser.add_argument(
+        "--thumb-size",
+        type=int,
+        default=160,
+        metavar="PX",
+        help="thumbnail size in pixels (default %(default)s)",
+    )
 
     emulate = commands.add_parser(
         "emulate",
@@ -156,6 +219,67 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         metavar="Q",
         help=f"JPEG quality for re-encoded images (default {defaults.jpeg_quality})",
+    )
+
+    job = parser.add_argument_group("resume, dedup, sharding")
+    job.add_argument(
+        "--state",
+        metavar="PATH",
+        help="SQLite file recording what each input became (default: beside the "
+        "first --out file, e.g. results.jsonl.state)",
+    )
+    job.add_argument(
+        "--no-state",
+        dest="state",
+        action="store_const",
+        const="",
+        help="keep no state (no --resume possible)",
+    )
+    job.add_argument(
+        "--resume",
+        action="store_true",
+        default=None,
+        help="continue an interrupted or crashed run: inputs already done cost no "
+        "request, outputs are repaired and appended",
+    )
+    job.add_argument(
+        "--retry-failed",
+        action="store_true",
+        default=None,
+        help="with --resume: also retry inputs that failed permanently (by default "
+        "only timeouts, connection errors, 429 and 5xx are retried)",
+    )
+    job.add_argument(
+        "--no-dedup",
+        dest="dedup",
+        action="store_false",
+        default=None,
+        help="classify byte-identical copies separately (default: once per content)",
+    )
+    job.add_argument(
+        "--shard",
+        metavar="K/N",
+        help="take only shard K of N (0-based) of the inputs, to split one job over "
+        "N machines with no coordination",
+    )
+
+    labels = parser.add_argument_group("labeling output")
+    labels.add_argument(
+        "--organize",
+        metavar="DIR",
+        help="also place each local image into DIR/<class>/ (failures in "
+        "DIR/_failed, low confidence in DIR/_uncertain); URL inputs are skipped",
+    )
+    labels.add_argument(
+        "--organize-mode",
+        choices=("link", "copy", "symlink"),
+        help="hard link (copy across filesystems), copy, or absolute symlink (default link)",
+    )
+    labels.add_argument(
+        "--min-confidence",
+        type=float,
+        metavar="X",
+        help="with --organize: classes scored under X (0..1) count as uncertain",
     )
 
     speed = parser.add_argument_group("speed and resilience")
@@ -265,81 +389,131 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "emulate":
         return emulator.serve_from_args(args)
+    if args.command == "report":
+        return _report_command(args)
     secret: str | None = None
     try:
         settings = settings_from_args(args, dict(os.environ))
         secret = settings.api_key
-        return asyncio.run(_run_command(args.sources, settings))
+        if args.command == "scan":
+            settings = settings.updated(resume=True)
+        return asyncio.run(_run_command(args.sources, settings, scan=args.command == "scan"))
     except ConfigError as exc:
         _say(f"error: {redact(str(exc), secret)}")
         return EXIT_USAGE
     except RunAborted as exc:
         _say(f"error: run stopped: {redact(str(exc), secret)}")
         return EXIT_USAGE
-    except BatchClassifyError as exc:  # pragma: no cover - every error should be handled above
-        _say(f"error: {redact(str(exc), secret)}")
-        return EXIT_USAGE
 
 
-async def _run_command(sources: list[str], settings: RunSettings) -> int:
+async def _run_command(sources: list[str], settings: RunSettings, *, scan: bool) -> int:
     if settings.emulate:
         async with emulator.running_emulator() as url:
-            return await _run_pipeline(sources, settings.updated(endpoint=url))
-    return await _run_pipeline(sources, settings)
+            return await _run_job(sources, settings.updated(endpoint=url), scan=scan)
+    return await _run_job(sources, settings, scan=scan)
 
 
-async def _run_pipeline(sources: list[str], settings: RunSettings) -> int:
+async def _run_job(sources: list[str], settings: RunSettings, *, scan: bool) -> int:
     options = settings.pipeline_options()
     outputs = list(settings.out)
     if not outputs:
+        if scan:
+            raise ConfigError("scan needs --out FILE (its results are appended there)")
         _say("note: no --out given: results go to stdout as JSONL")
         outputs = ["-"]
-    pipeline = Pipeline(sources, options)
-    _install_signal_handlers(pipeline, settings.shutdown_grace)
-    stats: RunStats | None = None
-    try:
-        stats = await run(
-            sources,
-            options,
-            outputs=outputs,
-            overwrite=settings.overwrite,
-            progress=sys.stderr.isatty() if settings.progress is None else settings.progress,
-            summary_path=settings.summary,
-            pipeline=pipeline,
-        )
-    except RunAborted as exc:
-        if exc.stats is not None:
-            _say(redact(exc.stats.format(), settings.api_key))
-        raise
-    _say(redact(stats.format(), settings.api_key))
-    if stats.interrupted:
+    state = settings.job_state(outputs)
+    if scan and state.path is None:
+        raise ConfigError("scan needs a state file: give --out FILE or --state PATH")
+    interrupts = _Interrupts(settings.shutdown_grace)
+    interrupts.install()
+    sinks = settings.extra_sinks()
+    while True:
+        try:
+            stats = await run(
+                sources,
+                options,
+                outputs=outputs,
+                sinks=sinks,
+                overwrite=settings.overwrite and not state.resume,
+                state=state,
+                progress=sys.stderr.isatty() if settings.progress is None else settings.progress,
+                summary_path=settings.summary,
+                on_start=interrupts.attach,
+            )
+        except RunAborted as exc:
+            if exc.stats is not None:
+                _say(redact(exc.stats.format(), settings.api_key))
+            raise
+        _say(redact(stats.format(), settings.api_key))
+        if interrupts.received or not scan or settings.interval is None:
+            break
+        await interrupts.sleep(settings.interval)
+        if interrupts.received:
+            break
+    if interrupts.received:
         return EXIT_INTERRUPTED
     return EXIT_OK if stats.failed == 0 else EXIT_FAILED_ITEMS
 
 
-def _install_signal_handlers(pipeline: Pipeline, grace: float) -> None:
+class _Interrupts:
     """First Ctrl-C/SIGTERM: stop feeding, let in-flight requests finish for ``grace`` seconds.
-    Second: stop at once. Either way the sinks are flushed and the summary printed."""
-    loop = asyncio.get_running_loop()
-    received = 0
+    Second: stop at once. Either way the outputs are flushed and the summary printed."""
 
-    def on_signal(signum: int) -> None:
-        nonlocal received
-        received += 1
-        if received == 1:
+    def __init__(self, grace: float) -> None:
+        self.grace = grace
+        self.received = 0
+        self._pipeline: Pipeline | None = None
+        self._loop = asyncio.get_running_loop()
+        self._event = asyncio.Event()
+
+    def install(self) -> None:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            # Not available on Windows or outside the main thread: Ctrl-C then stops at once.
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                self._loop.add_signal_handler(signum, self._on_signal, signum)
+
+    def attach(self, pipeline: Pipeline) -> None:
+        self._pipeline = pipeline
+        if self.received:
+            pipeline.stop()
+
+    async def sleep(self, seconds: float) -> None:
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._event.wait(), timeout=seconds)
+
+    def _on_signal(self, signum: int) -> None:
+        self.received += 1
+        self._event.set()
+        pipeline = self._pipeline
+        if self.received == 1:
             _say(
                 f"\n{signal.Signals(signum).name}: finishing in-flight requests (up to "
-                f"{grace:g} s); press Ctrl-C again to stop now"
+                f"{self.grace:g} s); press Ctrl-C again to stop now"
             )
-            pipeline.stop()
-            loop.call_later(grace, pipeline.abort)
-        else:
+            if pipeline is not None:
+                pipeline.stop()
+                self._loop.call_later(self.grace, pipeline.abort)
+        elif pipeline is not None:
             pipeline.abort()
 
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        # Not available on Windows or outside the main thread: Ctrl-C then stops at once.
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(signum, on_signal, signum)
+
+def _report_command(args: argparse.Namespace) -> int:
+    results = Path(args.results)
+    output = Path(args.out) if args.out else results.with_suffix(".html")
+    try:
+        written = report.write_report(
+            results,
+            output,
+            overwrite=args.overwrite,
+            summary_path=Path(args.summary) if args.summary else None,
+            thumbnails=args.thumbnails,
+            thumb_size=args.thumb_size,
+        )
+    except ConfigError as exc:
+        _say(f"error: {exc}")
+        return EXIT_USAGE
+    _say(f"wrote {written}")
+    return EXIT_OK
 
 
 def _say(message: str) -> None:

@@ -7,15 +7,21 @@ the environment and a TOML file can all supply them the same way.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
 from typing import Any
 
 from batchclassify.client import DEFAULT_ENDPOINT, ClientOptions, parse_model
 from batchclassify.errors import ConfigError
+from batchclassify.organize import OrganizeOptions, Organizer, OrganizeSink
 from batchclassify.pipeline import PipelineOptions
 from batchclassify.prepare import PrepareOptions
 from batchclassify.retry import RetryPolicy
+from batchclassify.runner import JobState
+from batchclassify.sinks import Sink
 from batchclassify.sources import DEFAULT_EXTENSIONS, SourceOptions, parse_extensions
+from batchclassify.state import default_state_path, parse_shard
 from batchclassify.throttle import ThrottleOptions
 
 __all__ = ["RunSettings"]
@@ -53,6 +59,17 @@ class RunSettings:
     summary: str | None = None
     queue_size: int | None = None
     shutdown_grace: float = 10.0
+    #: ``None``: beside the first file output; ``""``: no state
+    state: str | None = None
+    resume: bool = False
+    retry_failed: bool = False
+    dedup: bool = True
+    shard: str | None = None
+    organize: str | None = None
+    organize_mode: str = "link"
+    min_confidence: float | None = None
+    #: ``scan`` only: seconds between scans
+    interval: float | None = None
 
     def __post_init__(self) -> None:
         _check(self.concurrency >= 1, "concurrency", "must be at least 1")
@@ -72,6 +89,19 @@ class RunSettings:
         )
         _check(self.queue_size is None or self.queue_size >= 1, "queue_size", "must be >= 1")
         _check(math.isfinite(self.shutdown_grace), "shutdown_grace", "must be finite")
+        _check(self.interval is None or self.interval > 0, "interval", "must be positive")
+        _check(
+            self.organize_mode in ("link", "copy", "symlink"),
+            "organize_mode",
+            "must be link, copy or symlink",
+        )
+        _check(
+            self.min_confidence is None or 0 <= self.min_confidence <= 1,
+            "min_confidence",
+            "must be between 0 and 1",
+        )
+        if self.shard is not None:
+            parse_shard(self.shard)
 
     @classmethod
     def names(cls) -> frozenset[str]:
@@ -112,7 +142,38 @@ class RunSettings:
             url_mode=self.url_mode,  # type: ignore[arg-type]
             queue_size=self.queue_size,
             max_failures=self.max_failures,
+            dedup=self.dedup,
         )
+
+    def job_state(self, outputs: Sequence[str]) -> JobState:
+        """Where the state lives and what to do with it."""
+        if self.state == "":
+            path = None
+        elif self.state is not None:
+            path = Path(self.state)
+        else:
+            path = default_state_path(outputs)
+        if self.resume and path is None:
+            raise ConfigError("--resume needs a state: give --out FILE or --state PATH")
+        return JobState(
+            path=path,
+            resume=self.resume,
+            retry_failed=self.retry_failed,
+            shard=parse_shard(self.shard) if self.shard else None,
+        )
+
+    def extra_sinks(self) -> list[Sink]:
+        """Sinks that are not files of results (``--organize``)."""
+        if self.organize is None:
+            return []
+        organizer = Organizer(
+            OrganizeOptions(
+                root=Path(self.organize),
+                mode=self.organize_mode,  # type: ignore[arg-type]
+                min_confidence=self.min_confidence,
+            )
+        )
+        return [OrganizeSink(organizer)]
 
 
 def _check(ok: bool, name: str, message: str) -> None:

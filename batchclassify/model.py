@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,10 +24,11 @@ class Item:
     path: Path | None = None
     url: str | None = None
     problem: str | None = None
+    #: stable identity for the state store (see :func:`batchclassify.state.item_key`)
+    key: str | None = None
 
-    @property
-    def is_url(self) -> bool:
-        return self.url is not None
+    def with_key(self, key: str) -> Item:
+        return replace(self, key=key)
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +65,11 @@ class Result:
     error: ErrorInfo | None = None
     attempts: int = 0
     latency_ms: float | None = None
+    #: the source whose identical bytes were classified instead (content dedup)
+    duplicate_of: str | None = None
+    #: the input's state key and the hash of the bytes sent: bookkeeping, not written out
+    key: str | None = field(default=None, compare=False, repr=False)
+    content_hash: str | None = field(default=None, compare=False, repr=False)
 
     @property
     def ok(self) -> bool:
@@ -84,6 +90,7 @@ class Result:
             "error": self.error.to_dict() if self.error else None,
             "attempts": self.attempts,
             "latency_ms": self.latency_ms,
+            "duplicate_of": self.duplicate_of,
         }
 
     @classmethod
@@ -103,4 +110,5 @@ class Result:
             error=ErrorInfo(**error) if error else None,
             attempts=record.get("attempts", 0),
             latency_ms=record.get("latency_ms"),
+            duplicate_of=record.get("duplicate_of"),
         )

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
+import hashlib
 import itertools
 import time
 from collections.abc import AsyncIterator, Iterable, Iterator
@@ -23,7 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, TextIO
 
-from batchclassify.client import ClassifyClient, ClientOptions, Response
+from batchclassify.client import ClassifyClient, ClientOptions
+from batchclassify.dedup import ContentDedup
 from batchclassify.errors import (
     BatchClassifyError,
     FatalApiError,
@@ -36,6 +39,7 @@ from batchclassify.model import ErrorInfo, Item, Result
 from batchclassify.prepare import PrepareOptions, default_workers, prepare_bytes, prepare_file
 from batchclassify.response import result_from_response
 from batchclassify.sources import SourceOptions, iter_items
+from batchclassify.state import StateStore
 from batchclassify.throttle import Throttle, ThrottleOptions
 
 __all__ = ["Pipeline", "PipelineOptions", "UrlMode", "iter_results"]
@@ -64,6 +68,8 @@ class PipelineOptions:
     max_failures: int | None = None
     #: threads for image preparation (decode/resize/base64); defaults to the CPU count
     prepare_workers: int | None = None
+    #: classify identical image bytes once, reusing the answer for the copies
+    dedup: bool = True
 
     @property
     def concurrency(self) -> int:
@@ -81,8 +87,13 @@ class Pipeline:
         *,
         stdin: TextIO | None = None,
         items: Iterable[Item] | None = None,
+        store: StateStore | None = None,
     ) -> None:
+        """``items`` replaces the sources named by ``specs`` (already selected items, say);
+        ``store`` lets content dedup reuse answers from earlier runs."""
         self.options = options
+        self._store = store
+        self._dedup: ContentDedup | None = None
         self._items: Iterable[Item] = (
             items if items is not None else iter_items(specs, options.sources, stdin=stdin)
         )
@@ -97,6 +108,11 @@ class Pipeline:
     @property
     def stopping(self) -> bool:
         return self._stopping
+
+    @property
+    def reused(self) -> int:
+        """Inputs answered from an identical copy instead of a request."""
+        return self._dedup.reused if self._dedup else 0
 
     @property
     def requests_sent(self) -> int:
@@ -127,6 +143,7 @@ class Pipeline:
             thread_name_prefix="batchclassify-prepare",
         )
         self.throttle = Throttle(options.throttle)
+        self._dedup = ContentDedup(self._store) if options.dedup else None
         async with ClassifyClient(options.client, throttle=self.throttle) as client:
             self.client = client
             producer = asyncio.create_task(self._produce(todo), name="batchclassify-producer")
@@ -199,30 +216,38 @@ class Pipeline:
             self.stop()
 
     async def _process(self, item: Item, executor: ThreadPoolExecutor) -> Result:
+        result = await self._classify_item(item, executor)
+        return dataclasses.replace(result, source=item.source, key=item.key)
+
+    async def _classify_item(self, item: Item, executor: ThreadPoolExecutor) -> Result:
         if item.problem is not None:
             return _error_result(item, ErrorInfo("input", item.problem), attempts=0)
         client = self.client
         assert client is not None
         loop = asyncio.get_running_loop()
         prepare = self.options.prepare
-        started = time.perf_counter()
         try:
             if item.url is not None and self._by_reference(item.url):
+                started = time.perf_counter()
                 try:
                     response = await client.classify(image_url=item.url)
                 except ItemRejectedError:
                     if self.options.url_mode != "auto":
                         raise
                     # The service could not fetch it (private host, odd server): fetch it here.
-                    started = time.perf_counter()
-                    response = await self._classify_fetched(item.url, executor)
-            elif item.url is not None:
-                response = await self._classify_fetched(item.url, executor)
+                    return await self._classify_payload(
+                        item, await self._fetch_payload(item.url, executor)
+                    )
+                latency = (time.perf_counter() - started) * 1000
+                return result_from_response(
+                    item.source, response.body, attempts=response.attempts, latency_ms=latency
+                )
+            if item.url is not None:
+                payload = await self._fetch_payload(item.url, executor)
             else:
                 assert item.path is not None
-                payload = await loop.run_in_executor(executor, _encoded_file, item.path, prepare)
-                started = time.perf_counter()
-                response = await client.classify(data=payload)
+                payload = await loop.run_in_executor(executor, _file_payload, item.path, prepare)
+            return await self._classify_payload(item, payload)
         except InputError as exc:
             return _error_result(item, ErrorInfo(exc.kind, str(exc)), attempts=0)
         except (FatalApiError, RunAborted):
@@ -230,16 +255,32 @@ class Pipeline:
         except RequestError as exc:
             info = ErrorInfo(exc.kind, str(exc), exc.http_status)
             return _error_result(item, info, attempts=exc.attempts)
-        latency = (time.perf_counter() - started) * 1000
-        return result_from_response(
-            item.source, response.body, attempts=response.attempts, latency_ms=latency
-        )
+
+    async def _classify_payload(self, item: Item, payload: _Payload) -> Result:
+        """Send prepared bytes, unless identical bytes were (or are being) classified."""
+        dedup = self._dedup
+        if dedup is not None and (known := await dedup.find(payload.digest)) is not None:
+            return known
+        client = self.client
+        assert client is not None
+        result: Result | None = None
+        try:
+            started = time.perf_counter()
+            response = await client.classify(data=payload.body)
+            latency = (time.perf_counter() - started) * 1000
+            result = result_from_response(
+                item.source, response.body, attempts=response.attempts, latency_ms=latency
+            )
+            return dataclasses.replace(result, content_hash=payload.digest)
+        finally:
+            if dedup is not None:
+                dedup.settle(payload.digest, result)
 
     def _by_reference(self, url: str) -> bool:
         mode = self.options.url_mode
         return mode == "reference" or (mode == "auto" and url.lower().startswith("https://"))
 
-    async def _classify_fetched(self, url: str, executor: ThreadPoolExecutor) -> Response:
+    async def _fetch_payload(self, url: str, executor: ThreadPoolExecutor) -> _Payload:
         client = self.client
         assert client is not None
         prepare = self.options.prepare
@@ -247,16 +288,27 @@ class Pipeline:
         limit = prepare.max_upload_bytes if prepare.max_size is None else 512 * 1024 * 1024
         raw = await client.fetch(url, max_bytes=limit)
         loop = asyncio.get_running_loop()
-        payload = await loop.run_in_executor(executor, _encoded_bytes, raw, url, prepare)
-        return await client.classify(data=payload)
+        return await loop.run_in_executor(executor, _bytes_payload, raw, url, prepare)
 
 
-def _encoded_file(path: Path, options: PrepareOptions) -> bytes:
-    return base64.b64encode(prepare_file(path, options).data)
+@dataclass(frozen=True, slots=True)
+class _Payload:
+    """A prepared upload: the base64 body and the hash of the bytes it encodes."""
+
+    body: bytes
+    digest: str
+
+    @classmethod
+    def of(cls, data: bytes) -> _Payload:
+        return cls(base64.b64encode(data), hashlib.sha256(data).hexdigest())
 
 
-def _encoded_bytes(data: bytes, name: str, options: PrepareOptions) -> bytes:
-    return base64.b64encode(prepare_bytes(data, options, name=name).data)
+def _file_payload(path: Path, options: PrepareOptions) -> _Payload:
+    return _Payload.of(prepare_file(path, options).data)
+
+
+def _bytes_payload(data: bytes, name: str, options: PrepareOptions) -> _Payload:
+    return _Payload.of(prepare_bytes(data, options, name=name).data)
 
 
 def _error_result(item: Item, error: ErrorInfo, *, attempts: int) -> Result:

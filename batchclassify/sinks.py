@@ -34,6 +34,7 @@ __all__ = [
     "StdoutSink",
     "check_outputs",
     "open_sinks",
+    "repair_output",
     "result_to_csv_row",
 ]
 
@@ -52,6 +53,7 @@ CSV_COLUMNS = (
     "width",
     "height",
     "inference_id",
+    "duplicate_of",
 )
 
 
@@ -83,6 +85,7 @@ def result_to_csv_row(result: Result) -> list[Any]:
         image.get("width", ""),
         image.get("height", ""),
         result.inference_id or "",
+        result.duplicate_of or "",
     ]
 
 
@@ -97,6 +100,8 @@ class _BufferedFileSink:
         self.path = path
         self._handle = handle
         self._pending: list[str] = []
+        # aiofiles writes from a thread pool: two flushes in flight could land out of order.
+        self._flushing = asyncio.Lock()
 
     def _format(self, result: Result) -> str:
         raise NotImplementedError
@@ -105,11 +110,12 @@ class _BufferedFileSink:
         self._pending.append(self._format(result))
 
     async def flush(self) -> None:
-        if self._pending:
-            text = "".join(self._pending)
-            self._pending.clear()
-            await self._handle.write(text)
-            await self._handle.flush()
+        async with self._flushing:
+            if self._pending:
+                text = "".join(self._pending)
+                self._pending.clear()
+                await self._handle.write(text)
+                await self._handle.flush()
 
     async def aclose(self) -> None:
         try:
@@ -254,3 +260,40 @@ _OPENERS = {
 
 def _is_empty(path: Path) -> bool:
     return path.stat().st_size == 0
+
+
+def repair_output(path: Path) -> int:
+    """Cut a JSONL or CSV output back to its last complete row; return how many data rows it
+    holds. A crash can tear the last row only, since rows are appended by one writer."""
+    if path.suffix.lower() == ".csv":
+        return _repair_csv(path)
+    return _repair_jsonl(path)
+
+
+def _repair_jsonl(path: Path) -> int:
+    with path.open("rb+") as handle:
+        data = handle.read()
+        end = data.rfind(b"\n") + 1
+        if end != len(data):
+            handle.truncate(end)
+        return data.count(b"\n", 0, end)
+
+
+def _repair_csv(path: Path) -> int:
+    """Rows may hold quoted newlines: a newline ends a row only outside quotes, i.e. when the
+    quotes seen so far are even in number (``""`` escapes count twice, so they cancel)."""
+    with path.open("rb+") as handle:
+        data = handle.read()
+        rows = 0
+        quotes = 0
+        end = 0
+        position = 0
+        for line in data.split(b"\n")[:-1]:
+            position += len(line) + 1
+            quotes += line.count(b'"')
+            if quotes % 2 == 0:
+                rows += 1
+                end = position
+        if end != len(data):
+            handle.truncate(end)
+        return max(rows - 1, 0)  # the header

@@ -51,6 +51,8 @@ class RunStats:
     classes: Counter[str] = field(default_factory=Counter)
     latency: LatencyHistogram = field(default_factory=LatencyHistogram)
     requests_sent: int = 0
+    #: inputs answered from an identical copy instead of a request (content dedup)
+    reused: int = 0
     interrupted: bool = False
     aborted: str | None = None
 
@@ -86,6 +88,7 @@ class RunStats:
             "elapsed_s": round(self.elapsed, 3),
             "images_per_s": round(self.images_per_second, 2),
             "requests_sent": self.requests_sent,
+            "reused": self.reused,
             "latency_ms": {f"p{q}": self.latency.percentile(q) for q in (50, 95, 99)},
             "top_classes": dict(self.classes.most_common(10)),
             "interrupted": self.interrupted,
@@ -108,6 +111,8 @@ class RunStats:
                 f"  latency p50 {latency['p50']:.0f} ms, p95 {latency['p95']:.0f} ms, "
                 f"p99 {latency['p99']:.0f} ms; {self.requests_sent} requests sent"
             )
+        if self.reused:
+            lines.append(f"  {self.reused} duplicates answered from an identical copy")
         if self.classes:
             parts = ", ".join(f"{name} {count}" for name, count in self.classes.most_common(5))
             lines.append(f"  top classes: {parts}")

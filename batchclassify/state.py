@@ -1,0 +1,309 @@
+"""Durable run state: what every input became, so a run can resume and a folder scan can skip.
+
+One SQLite database (stdlib ``sqlite3``, WAL journal) per job, beside the first output by
+default. It is the source of truth; output files are views of it that may lag behind::
+
+    results(seq, key, final, content_hash, record)   one row per input key, in commit order
+    meta(name, value)                                 what the state belongs to (model, endpoint)
+
+``key`` identifies an input: a file's resolved path, size and mtime (so a changed file is new),
+a URL itself. ``final`` is 0 for rows worth another try (timeouts, 429/5xx …) and 1 otherwise.
+``record`` is the JSONL record; the CSV row and the dedup answer are rebuilt from it.
+
+The write order that makes outputs exactly-once is described in ARCHITECTURE.md: results are
+committed here first, then appended to the outputs; on resume each output is cut back to its last
+whole row, and the rows it lacks are appended from here in ``seq`` order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import sqlite3
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from batchclassify.errors import ConfigError
+from batchclassify.model import Item, Result
+
+__all__ = [
+    "RETRYABLE_ERROR_TYPES",
+    "StateLock",
+    "StateStore",
+    "default_state_path",
+    "is_final",
+    "item_key",
+    "parse_shard",
+    "remove_state",
+    "select_items",
+]
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS results (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    key TEXT NOT NULL UNIQUE,
+    final INTEGER NOT NULL,
+    content_hash TEXT,
+    record TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS results_content ON results (content_hash) WHERE content_hash IS NOT NULL;
+"""
+#: error types a resumed run tries again without being asked (``--retry-failed`` retries all)
+RETRYABLE_ERROR_TYPES = frozenset({"timeout", "connection"})
+_RETRYABLE_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
+
+
+def default_state_path(outputs: Iterable[str]) -> Path | None:
+    """``results.jsonl`` -> ``results.jsonl.state``: beside the first file output."""
+    for output in outputs:
+        if output != "-":
+            return Path(output).with_name(Path(output).name + ".state")
+    return None
+
+
+def is_final(result: Result) -> bool:
+    """False for a failure that may well succeed on another try."""
+    error = result.error
+    if result.ok or error is None:
+        return True
+    if error.type in RETRYABLE_ERROR_TYPES:
+        return False
+    return not (error.http_status in _RETRYABLE_STATUSES or (error.http_status or 0) >= 500)
+
+
+def item_key(item: Item) -> str:
+    """The stable identity of an input (see the module docstring)."""
+    if item.url is not None:
+        return f"url:{item.url}"
+    if item.path is None:
+        return f"entry:{item.source}"
+    try:
+        info = os.stat(item.path)
+    except OSError:
+        return f"missing:{os.path.abspath(item.path)}"
+    return f"file:{os.path.realpath(item.path)}:{info.st_size}:{info.st_mtime_ns}"
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"2/8"`` -> ``(2, 8)``: this machine takes shard 2 of 8 (shards count from 0)."""
+    try:
+        index, count = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise ConfigError(f"--shard must look like K/N (e.g. 0/4), got {text!r}") from None
+    if count < 1 or not 0 <= index < count:
+        raise ConfigError(f"--shard {text}: K must be between 0 and N-1")
+    return index, count
+
+
+def in_shard(source: str, shard: tuple[int, int]) -> bool:
+    """The shard is picked from the input as listed, so every machine agrees on it whatever
+    its file system looks like."""
+    index, count = shard
+    digest = hashlib.blake2b(source.encode("utf-8", "surrogateescape"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") % count == index
+
+
+@dataclass(frozen=True, slots=True)
+class Fingerprint:
+    """What results depend on: resuming with another model or endpoint would mix answers."""
+
+    model: str
+    endpoint: str
+    confidence: str
+    max_size: str
+
+    def items(self) -> dict[str, str]:
+        return {
+            "model": self.model,
+            "endpoint": self.endpoint,
+            "confidence": self.confidence,
+            "max_size": self.max_size,
+        }
+
+
+class StateStore:
+    """The run's SQLite state. Used from the event loop thread only, except through
+    :meth:`reader`, which opens a separate connection for the producer thread."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._db = _connect(path)
+        self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self._db.close()
+
+    def reader(self) -> StateReader:
+        return StateReader(self.path)
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        # Explicit BEGIN/COMMIT: the connection is in autocommit mode, so that reads never
+        # hold a transaction open (which would stop WAL checkpoints).
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    # --- meta ------------------------------------------------------------------------------
+
+    def check_fingerprint(self, fingerprint: Fingerprint) -> None:
+        """Adopt ``fingerprint`` in a new state; refuse a state made with other settings."""
+        stored = dict(self._db.execute("SELECT name, value FROM meta").fetchall())
+        wanted = fingerprint.items()
+        if not stored:
+            with self._transaction():
+                self._db.executemany("INSERT INTO meta VALUES (?, ?)", wanted.items())
+            return
+        changed = [name for name, value in wanted.items() if stored.get(name) != value]
+        if changed:
+            was = ", ".join(f"{name}={stored.get(name)!r}" for name in changed)
+            raise ConfigError(
+                f"the state {str(self.path)!r} belongs to a run with {was}; results of other "
+                "settings would be mixed. Use another --state (or --out), or --overwrite to "
+                "start over"
+            )
+
+    # --- results ---------------------------------------------------------------------------
+
+    def count(self) -> int:
+        return int(self._db.execute("SELECT count(*) FROM results").fetchone()[0])
+
+    def record(self, results: Iterable[Result]) -> list[Result]:
+        """Commit ``results`` in one transaction; returns those that were new (an input seen
+        twice in one run, e.g. listed twice, is stored and reported once)."""
+        new: list[Result] = []
+        with self._transaction():
+            for result in results:
+                if result.key is None:
+                    continue
+                cursor = self._db.execute(
+                    "INSERT OR IGNORE INTO results (key, final, content_hash, record) "
+                    "VALUES (?, ?, ?, ?)",
+                    (
+                        result.key,
+                        int(is_final(result)),
+                        result.content_hash if result.ok else None,
+                        json.dumps(result.to_dict(), ensure_ascii=False, separators=(",", ":")),
+                    ),
+                )
+                if cursor.rowcount:
+                    new.append(result)
+        return new
+
+    def forget_retryable(self, *, all_failures: bool) -> int:
+        """Drop failed rows so a resumed run classifies them again; returns how many."""
+        query = (
+            "DELETE FROM results WHERE json_extract(record, '$.status') != 'ok'"
+            if all_failures
+            else "DELETE FROM results WHERE final = 0"
+        )
+        with self._transaction():
+            return self._db.execute(query).rowcount
+
+    def records(self, *, skip: int = 0) -> Iterator[Result]:
+        """Every stored result in commit order, from the ``skip``-th on."""
+        cursor = self._db.execute(
+            "SELECT record FROM results ORDER BY seq LIMIT -1 OFFSET ?", (skip,)
+        )
+        for (record,) in cursor:
+            yield Result.from_dict(json.loads(record))
+
+    def lookup_content(self, content_hash: str) -> Result | None:
+        """An ``ok`` result for these exact image bytes, if one was stored."""
+        row = self._db.execute(
+            "SELECT record FROM results WHERE content_hash = ? LIMIT 1", (content_hash,)
+        ).fetchone()
+        return Result.from_dict(json.loads(row[0])) if row else None
+
+
+class StateReader:
+    """A read-only view for the producer thread (WAL lets it read while the writer commits)."""
+
+    def __init__(self, path: Path) -> None:
+        self._db = _connect(path, check_same_thread=False)
+
+    def is_done(self, key: str) -> bool:
+        return (
+            self._db.execute("SELECT 1 FROM results WHERE key = ?", (key,)).fetchone() is not None
+        )
+
+    def close(self) -> None:
+        self._db.close()
+
+
+def select_items(
+    items: Iterable[Item],
+    *,
+    reader: StateReader | None,
+    shard: tuple[int, int] | None,
+) -> Iterator[Item]:
+    """Give every item its key; drop those of other shards and those already done."""
+    for item in items:
+        if shard is not None and not in_shard(item.source, shard):
+            continue
+        key = item_key(item)
+        if reader is not None and reader.is_done(key):
+            continue
+        yield item.with_key(key)
+
+
+def remove_state(path: Path) -> None:
+    """Delete a state database and its WAL side files (``--overwrite``)."""
+    for suffix in ("", "-wal", "-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            Path(f"{path}{suffix}").unlink()
+
+
+class StateLock:
+    """An exclusive lock beside the state, so two runs or scans never share it.
+
+    ``flock`` locks die with their process, so the lock of a crashed or killed run is free
+    again at once: there is no stale lock to clean up.
+    """
+
+    def __init__(self, state_path: Path) -> None:
+        self.path = Path(f"{state_path}.lock")
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise ConfigError(
+                f"another batchclassify run (pid {holder}) is using {str(self.path)[:-5]!r}; "
+                "it may still be running: wait for it, or use another --state"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+
+def _connect(path: Path, *, check_same_thread: bool = True) -> sqlite3.Connection:
+    try:
+        db = sqlite3.connect(path, isolation_level=None, check_same_thread=check_same_thread)
+        db.execute("PRAGMA journal_mode=WAL")
+        # NORMAL in WAL mode: a crash of the process loses nothing committed; a power cut may
+        # lose the last transactions, which a resumed run then simply classifies again.
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.execute("PRAGMA busy_timeout=5000")
+    except sqlite3.DatabaseError as exc:
+        raise ConfigError(f"cannot use state file {str(path)!r}: {exc}") from None
+    return db
