@@ -30,13 +30,13 @@ The upload limit is checked on the **base64** size, because the body we send is 
 (4/3 of the bytes) and the documented 20 MB limit is on what the service receives.
 
 The functions are synchronous and pure; run them in a thread pool of :func:`default_workers`
-threads. Threads rather than processes, measured on 2 cores (best of 7 alternating runs):
-12 MP JPEG → 640 px, one thread 32.6 images/s, ThreadPoolExecutor(2) 60.7/s,
-ProcessPoolExecutor(2) 61.8/s; pass-through (2.3 MB results), one thread 1260/s, threads
-2900-4300/s, processes 360-720/s. Pillow releases the GIL while decoding and resizing (not while
-encoding into a BytesIO, but that is 0.7 ms of the 31), so threads scale as well as processes on
-the CPU-bound path, and they avoid pickling megabytes of results, worker start-up, and forking a
-process that runs an event loop.
+threads. Threads rather than processes, measured on 2 cores (``benchmarks/bench_prepare.py``,
+images/s, best of 7 alternating runs): 12 MP JPEG → 640 px, one thread 32.4, ThreadPoolExecutor(2)
+62.6, ProcessPoolExecutor(2) 62.7, a tie within noise (medians 58.7 and 62.2); pass-through of
+2.3 MB files, one thread 1167, threads 2513, processes 341. Pillow releases the GIL while
+decoding and resizing (not while encoding into a BytesIO, but that is 0.7 ms of the 31), so
+threads scale like processes on the CPU-bound path, and they avoid pickling megabytes of results
+back, worker start-up, and forking a process that runs an event loop.
 """
 
 from __future__ import annotations

@@ -1,0 +1,87 @@
+"""Small helpers shared by test modules: real image files and emulator introspection.
+
+Import them as ``from helpers import make_image, emulator_stats`` (pytest puts ``tests/`` on
+``sys.path``, because the directory has no ``__init__.py``).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import random
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from PIL import Image, ImageDraw
+
+#: what the official client and the docs send with a base64 body
+FORM_CONTENT_TYPE = {"Content-Type": "application/x-www-form-urlencoded"}
+
+_FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".gif": "GIF", ".webp": "WEBP"}
+
+
+def image_bytes(
+    *,
+    color: tuple[int, int, int] = (200, 40, 40),
+    size: tuple[int, int] = (64, 48),
+    fmt: str = "JPEG",
+    seed: int | None = None,
+) -> bytes:
+    """Encode a small real image: a solid ``color``, plus random rectangles when ``seed`` is
+    given (so images can differ in content, not only in colour)."""
+    image = Image.new("RGB", size, color)
+    if seed is not None:
+        rng = random.Random(seed)
+        draw = ImageDraw.Draw(image)
+        width, height = size
+        for _ in range(6):
+            x0, y0 = rng.randrange(width), rng.randrange(height)
+            x1, y1 = x0 + rng.randrange(1, width), y0 + rng.randrange(1, height)
+            fill = (rng.randrange(256), rng.randrange(256), rng.randrange(256))
+            draw.rectangle((x0, y0, x1, y1), fill=fill)
+    out = io.BytesIO()
+    image.save(out, fmt, **({"quality": 90} if fmt == "JPEG" else {}))
+    return out.getvalue()
+
+
+def make_image(
+    path: Path,
+    *,
+    color: tuple[int, int, int] = (200, 40, 40),
+    size: tuple[int, int] = (64, 48),
+    fmt: str | None = None,
+    seed: int | None = None,
+) -> Path:
+    """Write a small real image to ``path`` (format from the suffix unless ``fmt`` is given);
+    parent folders are created. Returns ``path``."""
+    fmt = fmt or _FORMATS.get(path.suffix.lower(), "JPEG")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(image_bytes(color=color, size=size, fmt=fmt, seed=seed))
+    return path
+
+
+def b64(data: bytes) -> str:
+    """The request body the protocol wants: base64 text of the file's bytes."""
+    return base64.b64encode(data).decode("ascii")
+
+
+async def emulator_stats(url: str, *, images: bool = False) -> dict[str, Any]:
+    """``GET /_emulator/stats`` of the emulator at ``url`` (with per-image counts if asked)."""
+    query = "?images=1" if images else ""
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"{url}/_emulator/stats{query}") as resp,
+    ):
+        resp.raise_for_status()
+        data: dict[str, Any] = await resp.json()
+        return data
+
+
+async def reset_emulator(url: str) -> None:
+    """``POST /_emulator/reset``: zero the counters (and reseed) between phases of a test."""
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(f"{url}/_emulator/reset") as resp,
+    ):
+        resp.raise_for_status()
