@@ -8,12 +8,12 @@ import contextlib
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from batchclassify import __version__, emulator, report
-from batchclassify.config import RunSettings
+from batchclassify.config import ResolvedSettings, RunSettings, format_settings, resolve_settings
 from batchclassify.errors import ConfigError, RunAborted, redact
 from batchclassify.pipeline import Pipeline
 from batchclassify.runner import run
@@ -86,6 +86,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep scanning every S seconds until interrupted (default: scan once)",
     )
 
+    config_parser = commands.add_parser(
+        "config",
+        help="show the effective settings and where each one comes from",
+        description="Show the settings a run would use, and where each comes from (default, "
+        "config file, environment, command line). The API key is never shown.",
+    )
+    config_commands = config_parser.add_subparsers(dest="config_command", required=True)
+    show = config_commands.add_parser(
+        "show",
+        help="print the effective settings (accepts every 'run' option)",
+        description="Print the effective settings as TOML, with where each comes from; takes "
+        "the same options as 'run'.",
+    )
+    add_run_arguments(show)
+
     report_parser = commands.add_parser(
         "report",
         help="write a self-contained HTML report of a results JSONL file",
@@ -138,10 +153,16 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = RunSettings()
     parser.add_argument(
         "sources",
-        nargs="+",
+        nargs="*",
         metavar="SOURCE",
         help="image folder (recursive), image file, http(s) URL, list file (.txt, .csv, .jsonl) "
-        "or - for a list of paths/URLs on stdin",
+        "or - for a list of paths/URLs on stdin (default: 'sources' of the --config file)",
+    )
+    parser.add_argument(
+        "--config",
+        metavar="FILE.toml",
+        help="read settings from a TOML file (keys are these long option names with _ for -); "
+        "command line and environment (ROBOFLOW_API_KEY, BATCHCLASSIFY_<NAME>) take precedence",
     )
     what = parser.add_argument_group("what to call")
     what.add_argument(
@@ -371,17 +392,20 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def settings_from_args(args: argparse.Namespace, environ: dict[str, str]) -> RunSettings:
+def settings_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> ResolvedSettings:
+    """Command-line values over environment over config file over defaults."""
     given: dict[str, Any] = {
         name: value
         for name, value in vars(args).items()
         if name in RunSettings.names() and value is not None
     }
-    if "out" in given:
-        given["out"] = tuple(given["out"])
-    if "api_key" not in given and environ.get("ROBOFLOW_API_KEY"):
-        given["api_key"] = environ["ROBOFLOW_API_KEY"]
-    return RunSettings(**given)
+    for name in ("out", "sources"):
+        if given.get(name):
+            given[name] = tuple(given[name])
+        else:
+            given.pop(name, None)
+    config = Path(args.config) if getattr(args, "config", None) else None
+    return resolve_settings(given, environ, config)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -393,11 +417,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _report_command(args)
     secret: str | None = None
     try:
-        settings = settings_from_args(args, dict(os.environ))
+        resolved = settings_from_args(args, os.environ)
+        settings = resolved.settings
         secret = settings.api_key
+        for warning in resolved.warnings:
+            _say(warning)
+        if args.command == "config":
+            print(redact(format_settings(resolved), secret))
+            return EXIT_OK
+        if not settings.sources:
+            raise ConfigError(
+                "no inputs: name folders, files, URLs or lists (or - for stdin), or set "
+                "'sources' in the --config file"
+            )
         if args.command == "scan":
             settings = settings.updated(resume=True)
-        return asyncio.run(_run_command(args.sources, settings, scan=args.command == "scan"))
+        sources = list(settings.sources)
+        return asyncio.run(_run_command(sources, settings, scan=args.command == "scan"))
     except ConfigError as exc:
         _say(f"error: {redact(str(exc), secret)}")
         return EXIT_USAGE

@@ -1,16 +1,32 @@
-"""Run settings: their defaults, their validation, and how they become pipeline options.
+"""Run settings: their defaults, where they come from, and how they become pipeline options.
 
 Settings are flat (one name per command-line option, ``_`` for ``-``) so that the command line,
-the environment and a TOML file can all supply them the same way.
+the environment and a TOML file can all supply them the same way. Precedence, highest first:
+
+    command line > environment (ROBOFLOW_API_KEY, BATCHCLASSIFY_<NAME>) > --config FILE > defaults
+
+``BATCHCLASSIFY_CONFIG`` names a config file when ``--config`` is not given.
+
+This is the only module that parses TOML.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import os
+import stat
+import sys
+import types
+import typing
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
 
 from batchclassify.client import DEFAULT_ENDPOINT, ClientOptions, parse_model
 from batchclassify.errors import ConfigError
@@ -24,7 +40,13 @@ from batchclassify.sources import DEFAULT_EXTENSIONS, SourceOptions, parse_exten
 from batchclassify.state import default_state_path, parse_shard
 from batchclassify.throttle import ThrottleOptions
 
-__all__ = ["RunSettings"]
+__all__ = [
+    "ResolvedSettings",
+    "RunSettings",
+    "format_settings",
+    "load_config_file",
+    "resolve_settings",
+]
 
 EMULATOR_KEY = "emulator"
 
@@ -33,6 +55,8 @@ EMULATOR_KEY = "emulator"
 class RunSettings:
     """Every option of ``batchclassify run``, with its default."""
 
+    #: inputs, when none are given on the command line
+    sources: tuple[str, ...] = ()
     model: str | None = None
     endpoint: str = DEFAULT_ENDPOINT
     api_key: str | None = field(default=None, repr=False)
@@ -179,3 +203,175 @@ class RunSettings:
 def _check(ok: bool, name: str, message: str) -> None:
     if not ok:
         raise ConfigError(f"--{name.replace('_', '-')} {message}")
+
+
+#: environment variables that name a setting outside the BATCHCLASSIFY_ prefix
+ENV_ALIASES = {"ROBOFLOW_API_KEY": "api_key"}
+ENV_PREFIX = "BATCHCLASSIFY_"
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off"})
+
+
+@dataclass(frozen=True, slots=True)
+class ResolvedSettings:
+    """The effective settings, where each came from, and warnings for the user."""
+
+    settings: RunSettings
+    origins: dict[str, str]
+    warnings: tuple[str, ...] = ()
+
+
+def load_config_file(path: Path) -> tuple[dict[str, Any], list[str]]:
+    """Read a TOML config: ``{name: value}`` checked against the settings, and warnings."""
+    try:
+        with path.open("rb") as handle:
+            data = tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {str(path)!r} does not exist") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {str(path)!r}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {str(path)!r} is not valid TOML: {exc}") from None
+    hints = _setting_types()
+    values: dict[str, Any] = {}
+    for key, value in data.items():
+        name = key.replace("-", "_")
+        if name not in hints:
+            raise ConfigError(
+                f"{path}: unknown setting {key!r} (settings are the long option names of "
+                "'batchclassify run', e.g. model, concurrency, max_size)"
+            )
+        values[name] = _from_toml(name, value, hints[name], where=str(path))
+    warnings = []
+    if values.get("api_key") and _readable_by_others(path):
+        warnings.append(
+            f"warning: {path} holds an API key and other users can read it: run "
+            f"'chmod 600 {path}', or better, keep the key in ROBOFLOW_API_KEY"
+        )
+    return values, warnings
+
+
+def resolve_settings(
+    command_line: Mapping[str, Any],
+    environ: Mapping[str, str],
+    config_path: Path | None = None,
+) -> ResolvedSettings:
+    """Merge the sources of settings by precedence (see the module docstring)."""
+    values: dict[str, Any] = {}
+    origins: dict[str, str] = {}
+    warnings: list[str] = []
+    if config_path is None and environ.get(f"{ENV_PREFIX}CONFIG"):
+        config_path = Path(environ[f"{ENV_PREFIX}CONFIG"])
+    if config_path is not None:
+        loaded, warnings = load_config_file(config_path)
+        values.update(loaded)
+        origins.update(dict.fromkeys(loaded, f"config file {config_path}"))
+    hints = _setting_types()
+    for variable, text in environ.items():
+        name = ENV_ALIASES.get(variable)
+        if name is None and variable.startswith(ENV_PREFIX):
+            name = variable[len(ENV_PREFIX) :].lower()
+            if name == "config":
+                continue
+            if name not in hints:
+                raise ConfigError(f"environment variable {variable}: no such setting {name!r}")
+        if name is None or not text:
+            continue
+        values[name] = _from_text(name, text, hints[name], where=f"environment {variable}")
+        origins[name] = f"environment {variable}"
+    for name, value in command_line.items():
+        values[name] = value
+        origins[name] = "command line"
+    return ResolvedSettings(RunSettings(**values), origins, tuple(warnings))
+
+
+def _setting_types() -> dict[str, Any]:
+    return typing.get_type_hints(RunSettings)
+
+
+def _base_types(hint: Any) -> tuple[type, ...]:
+    """``int | None`` -> ``(int, NoneType)``; ``tuple[str, ...]`` -> ``(tuple,)``."""
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        return tuple(t for arg in typing.get_args(hint) for t in _base_types(arg))
+    origin = typing.get_origin(hint)
+    return (origin,) if origin is not None else (hint,)
+
+
+def _from_toml(name: str, value: Any, hint: Any, *, where: str) -> Any:
+    kinds = _base_types(hint)
+    if tuple in kinds:
+        if isinstance(value, str):
+            return (value,)
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return tuple(value)
+        raise ConfigError(f"{where}: {name} must be a string or a list of strings")
+    if bool in kinds:
+        if isinstance(value, bool):
+            return value
+    elif int in kinds:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif float in kinds:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif str in kinds and isinstance(value, str):
+        return value
+    wanted = " or ".join(t.__name__ for t in kinds if t is not type(None))
+    raise ConfigError(f"{where}: {name} must be {wanted}, got {type(value).__name__} {value!r}")
+
+
+def _from_text(name: str, text: str, hint: Any, *, where: str) -> Any:
+    kinds = _base_types(hint)
+    try:
+        if tuple in kinds:
+            return tuple(part.strip() for part in text.split(",") if part.strip())
+        if bool in kinds:
+            lowered = text.strip().lower()
+            if lowered in _TRUE or lowered in _FALSE:
+                return lowered in _TRUE
+            raise ValueError(text)
+        if int in kinds:
+            return int(text)
+        if float in kinds:
+            return float(text)
+    except ValueError:
+        wanted = " or ".join(t.__name__ for t in kinds if t is not type(None))
+        raise ConfigError(f"{where}: {name} must be {wanted}, got {text!r}") from None
+    return text
+
+
+def _readable_by_others(path: Path) -> bool:
+    try:
+        return bool(os.stat(path).st_mode & (stat.S_IRGRP | stat.S_IROTH))
+    except OSError:
+        return False
+
+
+def format_settings(resolved: ResolvedSettings) -> str:
+    """The effective settings as TOML a user could paste into a config file, each line
+    saying where its value came from. The API key is shown as set or not, never itself."""
+    lines = ["# effective settings; precedence: command line > environment > config file > default"]
+    settings = resolved.settings
+    for item in fields(RunSettings):
+        name = item.name
+        value = getattr(settings, name)
+        origin = resolved.origins.get(name, "default")
+        if name == "api_key" and value:
+            lines.append(f'{name} = "***"  # {origin} (hidden)')
+            continue
+        if value is None:
+            lines.append(f"# {name} = (not set)  # {origin}")
+            continue
+        lines.append(f"{name} = {_toml_value(value)}  # {origin}")
+    return "\n".join(lines)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    escaped = str(value).replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{escaped}"'
