@@ -184,6 +184,7 @@ class RunSettings:
             resume=self.resume,
             retry_failed=self.retry_failed,
             shard=parse_shard(self.shard) if self.shard else None,
+            endpoint_label="built-in emulator" if self.emulate else None,
         )
 
     def extra_sinks(self) -> list[Sink]:

@@ -62,6 +62,9 @@ class JobState:
     resume: bool = False
     retry_failed: bool = False
     shard: tuple[int, int] | None = None
+    #: stands for the endpoint in the state's fingerprint (the built-in emulator's port
+    #: changes from run to run, but its answers do not)
+    endpoint_label: str | None = None
 
 
 async def run(
@@ -241,7 +244,7 @@ def _open_state(
     store.check_fingerprint(
         Fingerprint(
             model=f"{client.model}/{client.version}",
-            endpoint=client.endpoint.rstrip("/"),
+            endpoint=state.endpoint_label or client.endpoint.rstrip("/"),
             confidence=str(client.confidence),
             max_size=str(options.prepare.max_size),
         )

@@ -30,6 +30,7 @@ __all__ = [
     "CsvSink",
     "JsonlSink",
     "NullSink",
+    "ParquetSink",
     "Sink",
     "StdoutSink",
     "check_outputs",
@@ -183,6 +184,103 @@ class StdoutSink:
         await self.flush()
 
 
+class ParquetSink:
+    """The JSONL rows as a Parquet table (needs ``pyarrow``: ``pip install
+    'batchclassify[parquet]'``), for pandas, Polars and DuckDB.
+
+    Columns are flat (``error`` and ``image`` spread into their fields; ``predictions`` is a
+    map). Rows are written in row groups of :attr:`ROW_GROUP` as they come, to a ``.partial``
+    file renamed into place on close: a Parquet file is unreadable until its footer is written,
+    so a crash leaves the previous file (or none), never a broken one. It cannot be appended
+    to either, so a resumed run rewrites it from the state.
+    """
+
+    ROW_GROUP = 10_000
+
+    def __init__(self, path: Path, *, overwrite: bool) -> None:
+        pa, pq = _pyarrow()
+        if path.exists() and not overwrite:
+            raise FileExistsError(path)
+        self.path = path
+        self._partial = path.with_name(path.name + ".partial")
+        self._schema = pa.schema(
+            [
+                ("source", pa.string()),
+                ("status", pa.string()),
+                ("top", pa.string()),
+                ("confidence", pa.float64()),
+                ("predicted_classes", pa.list_(pa.string())),
+                ("predictions", pa.map_(pa.string(), pa.float64())),
+                ("width", pa.int32()),
+                ("height", pa.int32()),
+                ("inference_id", pa.string()),
+                ("time", pa.float64()),
+                ("error_type", pa.string()),
+                ("error_message", pa.string()),
+                ("http_status", pa.int32()),
+                ("attempts", pa.int32()),
+                ("latency_ms", pa.float64()),
+                ("duplicate_of", pa.string()),
+            ]
+        )
+        self._writer = pq.ParquetWriter(self._partial, self._schema)
+        self._rows: list[dict[str, Any]] = []
+
+    @classmethod
+    async def open(cls, path: Path, *, mode: str) -> ParquetSink:
+        return await asyncio.to_thread(lambda: cls(path, overwrite=mode != "x"))
+
+    async def write(self, result: Result) -> None:
+        error, image = result.error, result.image or {}
+        self._rows.append(
+            {
+                "source": result.source,
+                "status": result.status,
+                "top": result.top,
+                "confidence": result.confidence,
+                "predicted_classes": list(result.predicted_classes),
+                "predictions": list(result.predictions.items()),
+                "width": image.get("width"),
+                "height": image.get("height"),
+                "inference_id": result.inference_id,
+                "time": result.time,
+                "error_type": error.type if error else None,
+                "error_message": error.message if error else None,
+                "http_status": error.http_status if error else None,
+                "attempts": result.attempts,
+                "latency_ms": result.latency_ms,
+                "duplicate_of": result.duplicate_of,
+            }
+        )
+
+    async def flush(self) -> None:
+        if len(self._rows) >= self.ROW_GROUP:
+            await self._write_rows()
+
+    async def _write_rows(self) -> None:
+        if self._rows:
+            rows, self._rows = self._rows, []
+            pa, _ = _pyarrow()
+            table = pa.Table.from_pylist(rows, schema=self._schema)
+            await asyncio.to_thread(self._writer.write_table, table)
+
+    async def aclose(self) -> None:
+        await self._write_rows()
+        await asyncio.to_thread(self._writer.close)
+        await asyncio.to_thread(os.replace, self._partial, self.path)
+
+
+def _pyarrow() -> tuple[Any, Any]:
+    try:
+        import pyarrow
+        import pyarrow.parquet
+    except ImportError:
+        raise ConfigError(
+            "writing .parquet needs pyarrow: pip install 'batchclassify[parquet]'"
+        ) from None
+    return pyarrow, pyarrow.parquet
+
+
 class NullSink:
     """Discards results (benchmarks, or when only the summary matters)."""
 
@@ -206,8 +304,11 @@ def check_outputs(specs: Sequence[str], *, overwrite: bool, append: bool = False
         suffix = path.suffix.lower()
         if suffix not in _OPENERS:
             raise ConfigError(
-                f"cannot tell the format of output {spec!r}: use a .jsonl or .csv file name"
+                f"cannot tell the format of output {spec!r}: use a .jsonl, .csv or .parquet "
+                "file name"
             )
+        if suffix == ".parquet":
+            _pyarrow()
         resolved = str(path.resolve())
         if resolved in seen:
             raise ConfigError(f"output {spec!r} is given twice")
@@ -255,6 +356,7 @@ _OPENERS = {
     ".jsonl": JsonlSink.open,
     ".ndjson": JsonlSink.open,
     ".csv": CsvSink.open,
+    ".parquet": ParquetSink.open,
 }
 
 
@@ -264,8 +366,12 @@ def _is_empty(path: Path) -> bool:
 
 def repair_output(path: Path) -> int:
     """Cut a JSONL or CSV output back to its last complete row; return how many data rows it
-    holds. A crash can tear the last row only, since rows are appended by one writer."""
-    if path.suffix.lower() == ".csv":
+    holds. A crash can tear the last row only, since rows are appended by one writer. Parquet
+    cannot be appended to: 0, so that it is rewritten whole."""
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        return 0
+    if suffix == ".csv":
         return _repair_csv(path)
     return _repair_jsonl(path)
 

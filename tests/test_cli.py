@@ -10,6 +10,7 @@ import signal
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import StartEmulator
 from helpers import emulator_stats, make_image
 
@@ -40,8 +41,9 @@ def read_csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
-def files(root: Path, count: int) -> list[Path]:
-    return [make_image(root / f"{n:03d}.jpg", seed=n, size=(32, 24)) for n in range(count)]
+def files(root: Path, count: int, *, first: int = 0) -> list[Path]:
+    numbers = range(first, first + count)
+    return [make_image(root / f"{n:03d}.jpg", seed=n, size=(32, 24)) for n in numbers]
 
 
 async def test_quickstart_command_from_the_readme(tmp_path: Path) -> None:
@@ -153,7 +155,7 @@ async def test_usage_errors_exit_2(tmp_path: Path) -> None:
     code, _, stderr = await cli(
         "run", str(tmp_path), "--model", "demo/1", "--emulate", "--out", str(tmp_path / "x.xlsx")
     )
-    assert code == 2 and ".jsonl or .csv" in stderr
+    assert code == 2 and ".jsonl, .csv or .parquet" in stderr
     code, _, _ = await cli("run")
     assert code == 2
 
@@ -254,3 +256,55 @@ async def test_help_explains_every_option() -> None:
         "examples:",
     ):
         assert option in stdout
+
+
+async def test_parquet_output_holds_the_jsonl_rows_and_survives_resume(
+    tmp_path: Path, start_emulator: StartEmulator
+) -> None:
+    parquet = pytest.importorskip("pyarrow.parquet")
+    url = await start_emulator()
+    files(tmp_path / "in", 4)
+    (tmp_path / "in" / "bad.jpg").write_text("nope")
+    out, table = tmp_path / "r.jsonl", tmp_path / "r.parquet"
+    args = [
+        "--model",
+        "demo/1",
+        "--endpoint",
+        url,
+        "--api-key",
+        KEY,
+        "--out",
+        str(out),
+        "--out",
+        str(table),
+    ]
+    code, _, stderr = await cli("run", str(tmp_path / "in"), *args)
+    assert code == 1, stderr
+    rows = parquet.read_table(table).to_pylist()
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [row["source"] for row in rows] == [r["source"] for r in records]
+    for row, record in zip(rows, records, strict=True):
+        assert row["top"] == record["top"] and row["status"] == record["status"]
+        assert dict(row["predictions"] or []) == record["predictions"]
+        assert row["error_type"] == (record["error"] or {}).get("type")
+    assert not table.with_name("r.parquet.partial").exists()
+
+    files(tmp_path / "more", 2, first=100)
+    code, _, stderr = await cli(
+        "run", str(tmp_path / "in"), str(tmp_path / "more"), *args, "--resume"
+    )
+    assert code == 0, stderr
+    assert len(parquet.read_table(table).to_pylist()) == 7
+
+
+async def test_emulated_runs_can_be_resumed(tmp_path: Path) -> None:
+    """The built-in emulator gets a new port each run; its state must still match."""
+    files(tmp_path / "in", 3)
+    out = tmp_path / "r.jsonl"
+    args = ["run", str(tmp_path / "in"), "--model", "demo/1", "--emulate", "--out", str(out)]
+    assert (await cli(*args))[0] == 0
+    files(tmp_path / "in", 2, first=50)
+    code, _, stderr = await cli(*args, "--resume")
+    assert code == 0, stderr
+    assert "2 images" in stderr
+    assert len(out.read_text().splitlines()) == 5

@@ -85,7 +85,9 @@ def test_single_file_and_missing_path_are_items(tmp_path: Path) -> None:
 
 def test_urls_and_bad_urls(tmp_path: Path) -> None:
     items = list(
-        iter_items(["https://example.com/a.jpg", "http://host/b.png", "ftp://host/c.jpg", "https://"])
+        iter_items(
+            ["https://example.com/a.jpg", "http://host/b.png", "ftp://host/c.jpg", "https://"]
+        )
     )
     assert [item.url for item in items[:2]] == ["https://example.com/a.jpg", "http://host/b.png"]
     assert "unsupported URL scheme" in (items[2].problem or "")
