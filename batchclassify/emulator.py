@@ -350,7 +350,7 @@ def _class_weights(name: str) -> tuple[float, ...]:
 
 # Scales chosen so that over varied images the top softmax score ranges from ~0.3 (unsure) to
 # ~0.95 (confident), and multi-label images get zero, one or several classes over 0.4.
-_SOFTMAX_GAIN = 6.0
+_SOFTMAX_GAIN = 9.0
 _SIGMOID_GAIN = 3.0
 _SIGMOID_OFFSET = -1.0
 
