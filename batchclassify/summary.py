@@ -98,8 +98,9 @@ class RunStats:
     def format(self) -> str:
         """The human summary printed to stderr at the end of a run."""
         data = self.to_dict()
+        elapsed = data["elapsed_s"]
         lines = [
-            f"{data['total']} images in {data['elapsed_s']:.1f} s "
+            f"{data['total']} images in {elapsed:.{2 if elapsed < 10 else 1}f} s "
             f"({data['images_per_s']:.1f} images/s): {data['ok']} ok, {data['failed']} failed",
         ]
         if self.failed_by_type:
@@ -116,6 +117,9 @@ class RunStats:
         if self.classes:
             parts = ", ".join(f"{name} {count}" for name, count in self.classes.most_common(5))
             lines.append(f"  top classes: {parts}")
+        unsure = self.ok - sum(self.classes.values())
+        if unsure:
+            lines.append(f"  {unsure} ok with no class over the confidence threshold (top \"\")")
         if self.interrupted:
             lines.append("  interrupted: the results above are complete for what was written")
         return "\n".join(lines)
