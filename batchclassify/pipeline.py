@@ -19,7 +19,7 @@ import dataclasses
 import hashlib
 import itertools
 import time
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -131,7 +131,7 @@ class Pipeline:
         for task in self._workers:
             task.cancel()
 
-    async def results(self) -> AsyncIterator[Result]:
+    async def results(self) -> AsyncGenerator[Result, None]:
         """Yield one result per input as it completes (not in input order). Raises
         :class:`RunAborted` at the end when a fatal error or a systemic failure stopped it."""
         options = self.options

@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 from tqdm import tqdm
 
@@ -144,10 +144,10 @@ class _Writer:
         self._uncommitted: list[Result] = []
         # Commits hand rows to the sinks in state order; two interleaved would break that.
         self._committing = asyncio.Lock()
-        self._bar: tqdm | None = None  # type: ignore[type-arg]
+        self._bar: tqdm[Any] | None = None
         self.stats = RunStats()
 
-    async def drain(self, pipeline: Pipeline, bar: tqdm | None) -> RunStats:  # type: ignore[type-arg]
+    async def drain(self, pipeline: Pipeline, bar: tqdm[Any] | None) -> RunStats:
         self._bar = bar
         stats = self.stats
         ticker = asyncio.create_task(self._tick())
@@ -283,7 +283,7 @@ def _rows_present(path: Path) -> int:
     return repair_output(path) if path.exists() else 0
 
 
-def _progress_bar(enabled: bool) -> tqdm | None:  # type: ignore[type-arg]
+def _progress_bar(enabled: bool) -> tqdm[Any] | None:
     if not enabled:
         return None
     return tqdm(
@@ -297,7 +297,7 @@ def _progress_bar(enabled: bool) -> tqdm | None:  # type: ignore[type-arg]
 
 
 async def _fill_total(
-    bar: tqdm,  # type: ignore[type-arg]
+    bar: tqdm[Any],
     specs: Sequence[str],
     options: PipelineOptions,
     state: JobState,

@@ -15,9 +15,9 @@ import io
 import json
 import os
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import aiofiles
 from aiofiles.threadpool.text import AsyncTextIOWrapper
@@ -40,6 +40,7 @@ __all__ = [
 ]
 
 STDOUT = "-"
+OpenMode = Literal["w", "a", "x"]
 CSV_COLUMNS = (
     "source",
     "status",
@@ -133,7 +134,7 @@ class JsonlSink(_BufferedFileSink):
     """One JSON object per line, the full result record."""
 
     @classmethod
-    async def open(cls, path: Path, *, mode: str) -> JsonlSink:
+    async def open(cls, path: Path, *, mode: OpenMode) -> JsonlSink:
         return cls(path, await aiofiles.open(path, mode, encoding="utf-8"))
 
     def _format(self, result: Result) -> str:
@@ -144,7 +145,7 @@ class CsvSink(_BufferedFileSink):
     """One row per result in :data:`CSV_COLUMNS`; a header when the file starts empty."""
 
     @classmethod
-    async def open(cls, path: Path, *, mode: str) -> CsvSink:
+    async def open(cls, path: Path, *, mode: OpenMode) -> CsvSink:
         handle = await aiofiles.open(path, mode, encoding="utf-8", newline="")
         sink = cls(path, handle)
         if await asyncio.to_thread(_is_empty, path):
@@ -227,7 +228,7 @@ class ParquetSink:
         self._rows: list[dict[str, Any]] = []
 
     @classmethod
-    async def open(cls, path: Path, *, mode: str) -> ParquetSink:
+    async def open(cls, path: Path, *, mode: OpenMode) -> ParquetSink:
         return await asyncio.to_thread(lambda: cls(path, overwrite=mode != "x"))
 
     async def write(self, result: Result) -> None:
@@ -329,7 +330,7 @@ async def open_sinks(
 ) -> list[Sink]:
     """Open every ``--out``; ``x`` mode makes a file that appeared meanwhile an error too."""
     check_outputs(specs, overwrite=overwrite, append=append)
-    mode = "a" if append else ("w" if overwrite else "x")
+    mode: OpenMode = "a" if append else ("w" if overwrite else "x")
     sinks: list[Sink] = []
     try:
         for spec in specs:
@@ -352,7 +353,7 @@ async def open_sinks(
     return sinks
 
 
-_OPENERS = {
+_OPENERS: dict[str, Callable[..., Awaitable[Sink]]] = {
     ".jsonl": JsonlSink.open,
     ".ndjson": JsonlSink.open,
     ".csv": CsvSink.open,

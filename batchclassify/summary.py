@@ -119,7 +119,7 @@ class RunStats:
             lines.append(f"  top classes: {parts}")
         unsure = self.ok - sum(self.classes.values())
         if unsure:
-            lines.append(f"  {unsure} ok with no class over the confidence threshold (top \"\")")
+            lines.append(f'  {unsure} ok with no class over the confidence threshold (top "")')
         if self.interrupted:
             lines.append("  interrupted: the results above are complete for what was written")
         return "\n".join(lines)
