@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import logging
 import os
 import signal
 import sys
@@ -377,6 +378,13 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
 
     ux = parser.add_argument_group("display")
     ux.add_argument(
+        "--verbose",
+        "-v",
+        action="count",
+        default=0,
+        help="log retries, rate changes and outages to stderr (-vv: debug)",
+    )
+    ux.add_argument(
         "--progress",
         dest="progress",
         action="store_true",
@@ -420,6 +428,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         resolved = settings_from_args(args, os.environ)
         settings = resolved.settings
         secret = settings.api_key
+        _configure_logging(getattr(args, "verbose", 0), secret)
         for warning in resolved.warnings:
             _say(warning)
         if args.command == "config":
@@ -550,6 +559,29 @@ def _report_command(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     _say(f"wrote {written}")
     return EXIT_OK
+
+
+class _RedactingFilter(logging.Filter):
+    """Last line of defence: whatever a library logs, the key does not reach the terminal."""
+
+    def __init__(self, secret: str | None) -> None:
+        super().__init__()
+        self._secret = secret
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg = redact(record.getMessage(), self._secret)
+        record.args = None
+        return True
+
+
+def _configure_logging(verbosity: int, secret: str | None) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(_RedactingFilter(secret))
+    level = logging.WARNING if verbosity == 0 else logging.INFO if verbosity == 1 else logging.DEBUG
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(level)
 
 
 def _say(message: str) -> None:

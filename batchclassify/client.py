@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -14,7 +15,7 @@ from types import TracebackType
 from typing import Any
 
 import aiohttp
-from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
 
 from batchclassify.errors import (
     ConfigError,
@@ -35,6 +36,8 @@ from batchclassify.retry import (
 from batchclassify.throttle import Throttle
 
 __all__ = ["DEFAULT_ENDPOINT", "ClassifyClient", "ClientOptions", "Response", "parse_model"]
+
+log = logging.getLogger("batchclassify")
 
 DEFAULT_ENDPOINT = "https://classify.roboflow.com"
 USER_AGENT = "batchclassify"
@@ -133,7 +136,23 @@ class ClassifyClient:
             stop=stop_after_attempt(policy.attempts),
             wait=wait_honouring_retry_after(multiplier=policy.initial, max=policy.max_wait),
             retry=retry_if_exception(is_transient),
+            before_sleep=self._log_retry,
             reraise=True,
+        )
+
+    def _log_retry(self, state: RetryCallState) -> None:
+        if not log.isEnabledFor(logging.INFO):
+            return
+        outcome = state.outcome
+        error = outcome.exception() if outcome is not None else None
+        wait = state.next_action.sleep if state.next_action is not None else 0.0
+        # Our errors are already redacted; redact again in case something else slipped in.
+        log.info(
+            "attempt %d/%d failed (%s); retrying in %.2f s",
+            state.attempt_number,
+            self.options.retry.attempts,
+            self._redact(str(error)),
+            wait,
         )
 
     def _redact(self, text: str) -> str:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import math
 from collections import deque
 from dataclasses import dataclass
@@ -30,6 +31,8 @@ from aiolimiter import AsyncLimiter
 from batchclassify.errors import RunAborted
 
 __all__ = ["Throttle", "ThrottleOptions"]
+
+log = logging.getLogger("batchclassify")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -161,16 +164,22 @@ class Throttle:
         self._last_cut = now
         self._next_slot = now + 1.0 / self._rate
         self.cuts += 1
+        log.info("the server pushed back: sending at most %.1f requests/s now", self._rate)
 
     # --- outage gate -----------------------------------------------------------------------
 
     def _begin_outage(self, now: float) -> None:
         if self._outage_since is None:
+            log.warning(
+                "%d requests in a row failed: the server looks down; pausing and probing",
+                self._consecutive_failures,
+            )
             self._outage_since = now
             self._gate_open.clear()
             self._next_probe = now + self._probe_delay
 
     def _end_outage(self) -> None:
+        log.warning("the server answers again: resuming")
         self._outage_since = None
         self._probe_in_flight = False
         self._probe_delay = self.options.first_probe_delay

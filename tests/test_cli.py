@@ -308,3 +308,30 @@ async def test_emulated_runs_can_be_resumed(tmp_path: Path) -> None:
     assert code == 0, stderr
     assert "2 images" in stderr
     assert len(out.read_text().splitlines()) == 5
+
+
+async def test_verbose_logs_retries_without_the_key(
+    tmp_path: Path, start_emulator: StartEmulator
+) -> None:
+    url = await start_emulator(fail_rate=0.5, reset_rate=0.2, seed=3)
+    files(tmp_path / "in", 10)
+    code, stdout, stderr = await cli(
+        "run",
+        str(tmp_path / "in"),
+        "--model",
+        "demo/1",
+        "--endpoint",
+        url,
+        "--api-key",
+        KEY,
+        "--retries",
+        "20",
+        "--max-wait",
+        "0.05",
+        "-vv",
+        "--out",
+        str(tmp_path / "r.jsonl"),
+    )
+    assert code == 0, stderr
+    assert "retrying in" in stderr
+    assert KEY not in stderr and KEY not in stdout
