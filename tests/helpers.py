@@ -6,9 +6,14 @@ Import them as ``from helpers import make_image, emulator_stats`` (pytest puts `
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import csv
 import io
+import json
+import os
 import random
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -85,3 +90,43 @@ async def reset_emulator(url: str) -> None:
         session.post(f"{url}/_emulator/reset") as resp,
     ):
         resp.raise_for_status()
+
+
+async def start_cli(
+    *args: str, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> asyncio.subprocess.Process:
+    """Start ``python -m batchclassify ARGS`` with pipes; ``env`` adds to the environment."""
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "batchclassify",
+        *args,
+        cwd=cwd,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, **(env or {})},
+    )
+
+
+async def run_cli(
+    *args: str,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+    stdin: bytes | None = None,
+    timeout: float = 60,
+) -> tuple[int, str, str]:
+    """Run the command to its end (bounded by ``timeout``): exit code, stdout, stderr."""
+    process = await start_cli(*args, env=env, cwd=cwd)
+    out, err = await asyncio.wait_for(process.communicate(stdin), timeout)
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle))

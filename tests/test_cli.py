@@ -3,42 +3,22 @@
 from __future__ import annotations
 
 import asyncio
-import csv
 import json
-import os
 import signal
-import sys
 from pathlib import Path
 
 import pytest
 from conftest import StartEmulator
-from helpers import emulator_stats, make_image
+from helpers import emulator_stats, make_image, read_csv, run_cli, start_cli
 
 REPO = Path(__file__).resolve().parent.parent
 KEY = "cli-secret-key-987"
 
 
 async def cli(
-    *args: str, env: dict[str, str] | None = None, stdin: bytes | None = None, timeout: float = 60
+    *args: str, env: dict[str, str] | None = None, stdin: bytes | None = None
 ) -> tuple[int, str, str]:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "batchclassify",
-        *args,
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "ROBOFLOW_API_KEY": "", **(env or {})},
-    )
-    out, err = await asyncio.wait_for(process.communicate(stdin), timeout)
-    assert process.returncode is not None
-    return process.returncode, out.decode(), err.decode()
-
-
-def read_csv(path: Path) -> list[dict[str, str]]:
-    with path.open(newline="") as handle:
-        return list(csv.DictReader(handle))
+    return await run_cli(*args, env={"ROBOFLOW_API_KEY": "", **(env or {})}, stdin=stdin)
 
 
 def files(root: Path, count: int, *, first: int = 0) -> list[Path]:
@@ -195,10 +175,7 @@ async def test_sigint_mid_run_flushes_and_exits_130(
     url = await start_emulator(latency_ms=40)
     files(tmp_path / "in", 300)
     out, table = tmp_path / "r.jsonl", tmp_path / "r.csv"
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "batchclassify",
+    process = await start_cli(
         "run",
         str(tmp_path / "in"),
         "--model",
@@ -213,8 +190,6 @@ async def test_sigint_mid_run_flushes_and_exits_130(
         str(out),
         "--out",
         str(table),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
     )
     for _ in range(200):  # wait until results are flowing
         await asyncio.sleep(0.05)

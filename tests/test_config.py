@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
-import sys
 from pathlib import Path
 
 import pytest
 from conftest import StartEmulator
-from helpers import emulator_stats, make_image
+from helpers import emulator_stats, make_image, run_cli
 
 from batchclassify.config import RunSettings, format_settings, load_config_file, resolve_settings
 from batchclassify.errors import ConfigError
@@ -110,20 +107,8 @@ def test_show_hides_the_key(tmp_path: Path) -> None:
     assert 'model = "m/1"  # command line' in text
 
 
-async def cli(*args: str, cwd: Path, env: dict[str, str] | None = None) -> tuple[int, str, str]:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "batchclassify",
-        *args,
-        cwd=cwd,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "ROBOFLOW_API_KEY": KEY, **(env or {})},
-    )
-    out, err = await asyncio.wait_for(process.communicate(), 60)
-    assert process.returncode is not None
-    return process.returncode, out.decode(), err.decode()
+async def cli(*args: str, cwd: Path) -> tuple[int, str, str]:
+    return await run_cli(*args, cwd=cwd, env={"ROBOFLOW_API_KEY": KEY})
 
 
 async def test_config_show_command(tmp_path: Path) -> None:

@@ -5,13 +5,12 @@ from __future__ import annotations
 import asyncio
 import csv
 import io
-import json
 import os
 from pathlib import Path
 
 import pytest
 from conftest import ServeBytes, StartEmulator
-from helpers import emulator_stats, image_bytes, make_image
+from helpers import emulator_stats, image_bytes, make_image, read_jsonl
 
 from batchclassify import (
     ClientOptions,
@@ -43,10 +42,6 @@ def options(url: str, **changes: object) -> PipelineOptions:
     client.update({k: v for k, v in changes.items() if k in client or k == "confidence"})
     rest = {k: v for k, v in changes.items() if k not in client}
     return PipelineOptions(client=ClientOptions(**client), **rest)  # type: ignore[arg-type]
-
-
-def read_jsonl(path: Path) -> list[dict]:  # type: ignore[type-arg]
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def make_dataset(root: Path, count: int) -> dict[str, bytes]:

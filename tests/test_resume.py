@@ -4,17 +4,14 @@ in a subprocess against the emulator, killed with SIGKILL at random moments."""
 from __future__ import annotations
 
 import asyncio
-import csv
-import json
 import os
 import random
 import shutil
 import signal
-import sys
 from pathlib import Path
 
 from conftest import StartEmulator
-from helpers import emulator_stats, make_image
+from helpers import emulator_stats, make_image, read_csv, read_jsonl, run_cli, start_cli
 
 from batchclassify.emulator import EmulatorConfig, predict, running_emulator
 
@@ -22,31 +19,12 @@ KEY = "resume-key-4242"
 
 
 async def start(*args: str) -> asyncio.subprocess.Process:
-    return await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "batchclassify",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "ROBOFLOW_API_KEY": KEY},
-    )
+    return await start_cli(*args, env={"ROBOFLOW_API_KEY": KEY})
 
 
-async def cli(*args: str, timeout: float = 60) -> tuple[int, str]:
-    process = await start(*args)
-    _, err = await asyncio.wait_for(process.communicate(), timeout)
-    assert process.returncode is not None
-    return process.returncode, err.decode()
-
-
-def read_jsonl(path: Path) -> list[dict]:  # type: ignore[type-arg]
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-def read_csv(path: Path) -> list[dict[str, str]]:
-    with path.open(newline="") as handle:
-        return list(csv.DictReader(handle))
+async def cli(*args: str) -> tuple[int, str]:
+    code, _, err = await run_cli(*args, env={"ROBOFLOW_API_KEY": KEY})
+    return code, err
 
 
 def dataset(root: Path, count: int) -> dict[str, bytes]:
