@@ -310,3 +310,33 @@ async def test_verbose_logs_retries_without_the_key(
     assert code == 0, stderr
     assert "retrying in" in stderr
     assert KEY not in stderr and KEY not in stdout
+
+
+async def test_report_command_writes_a_page_from_a_run(
+    tmp_path: Path, start_emulator: StartEmulator
+) -> None:
+    url = await start_emulator()
+    files(tmp_path / "in", 6)
+    (tmp_path / "in" / "bad.jpg").write_text("no")
+    out, summary = tmp_path / "r.jsonl", tmp_path / "s.json"
+    code, _, stderr = await cli(
+        "run",
+        str(tmp_path / "in"),
+        "--model",
+        "demo/1",
+        "--endpoint",
+        url,
+        "--api-key",
+        KEY,
+        "--out",
+        str(out),
+        "--summary",
+        str(summary),
+    )
+    assert code == 1, stderr
+    code, _, stderr = await cli("report", str(out), "--summary", str(summary))
+    assert code == 0, stderr
+    page = (tmp_path / "r.html").read_text()
+    assert 'id="total">7<' in page and 'id="failed">1<' in page
+    code, _, stderr = await cli("report", str(out))
+    assert code == 2 and "already exists" in stderr

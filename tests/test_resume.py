@@ -252,3 +252,38 @@ async def test_shards_cover_every_input_exactly_once(
         assert code == 0, stderr
         seen += [r["source"] for r in read_jsonl(out)]
     assert sorted(seen) == sorted(files)
+
+
+async def test_scan_interval_picks_up_new_files_until_interrupted(
+    tmp_path: Path, start_emulator: StartEmulator
+) -> None:
+    url = await start_emulator()
+    folder = tmp_path / "incoming"
+    dataset(folder, 3)
+    out = tmp_path / "labels.jsonl"
+    process = await start(
+        "scan",
+        str(folder),
+        "--model",
+        "demo/1",
+        "--endpoint",
+        url,
+        "--out",
+        str(out),
+        "--interval",
+        "0.2",
+    )
+    for _ in range(200):
+        await asyncio.sleep(0.05)
+        if out.exists() and len(out.read_text().splitlines()) == 3:
+            break
+    make_image(folder / "late.png", seed=4242, size=(20, 20))
+    for _ in range(200):
+        await asyncio.sleep(0.05)
+        if len(out.read_text().splitlines()) == 4:
+            break
+    process.send_signal(signal.SIGINT)
+    _, err = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode == 130, err.decode()
+    assert sorted(r["source"] for r in read_jsonl(out)) == sorted(map(str, folder.rglob("*.png")))
+    assert (await emulator_stats(url))["requests"] == 4
