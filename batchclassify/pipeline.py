@@ -135,7 +135,8 @@ class Pipeline:
         """Yield one result per input as it completes (not in input order). Raises
         :class:`RunAborted` at the end when a fatal error or a systemic failure stopped it."""
         options = self.options
-        size = options.queue_size or max(2 * options.concurrency, 16)
+        # Never below the concurrency: a stop puts one end marker per worker into the queue.
+        size = max(options.queue_size or max(2 * options.concurrency, 16), options.concurrency)
         todo: asyncio.Queue[Item | None] = asyncio.Queue(maxsize=size)
         done: asyncio.Queue[Result | None] = asyncio.Queue(maxsize=size)
         executor = ThreadPoolExecutor(

@@ -232,3 +232,12 @@ async def test_memory_bound_queue_does_not_read_ahead(
     await asyncio.sleep(0.2)
     assert pulled <= 8 + 2 + 2 * 256  # the queue, the workers, and two chunks in hand
     await results.aclose()
+
+
+async def test_a_queue_smaller_than_the_concurrency_still_stops_cleanly(
+    tmp_path: Path, start_emulator: StartEmulator
+) -> None:
+    url = await start_emulator(api_key="other")
+    make_dataset(tmp_path / "many", 30)
+    with pytest.raises(RunAborted):
+        await run([str(tmp_path / "many")], options(url, concurrency=8, queue_size=1))
