@@ -174,6 +174,11 @@ class Pipeline:
                     await todo.put(item)
             for _ in range(ends):
                 await todo.put(_END)
+        except Exception as exc:
+            # A source that breaks (not one bad entry: those are items) ends the run cleanly.
+            if self._fatal is None:
+                self._fatal = RunAborted(f"reading the inputs failed: {type(exc).__name__}: {exc}")
+            self._stopping = True
         finally:
             if self._stopping:
                 # Unsent items are dropped (a resumed run picks them up); every worker wakes.

@@ -6,6 +6,7 @@ import asyncio
 import csv
 import io
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from helpers import emulator_stats, image_bytes, make_image, read_jsonl
 
 from batchclassify import (
     ClientOptions,
+    Item,
     Pipeline,
     PipelineOptions,
     Result,
@@ -241,3 +243,22 @@ async def test_a_queue_smaller_than_the_concurrency_still_stops_cleanly(
     make_dataset(tmp_path / "many", 30)
     with pytest.raises(RunAborted):
         await run([str(tmp_path / "many")], options(url, concurrency=8, queue_size=1))
+
+
+async def test_a_source_that_breaks_aborts_the_run_instead_of_hanging(
+    tmp_path: Path, start_emulator: StartEmulator
+) -> None:
+    url = await start_emulator()
+    made = list(make_dataset(tmp_path / "some", 3))
+
+    def breaking() -> Iterator[Item]:
+        for source in made:
+            yield Item(source=source, path=Path(source))
+        raise OSError("the network share went away")
+
+    pipeline = Pipeline([], options(url), items=breaking())
+    seen = []
+    with pytest.raises(RunAborted, match="network share"):
+        async for result in pipeline.results():
+            seen.append(result)
+    assert len(seen) <= 3
