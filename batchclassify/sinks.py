@@ -377,30 +377,44 @@ def repair_output(path: Path) -> int:
     return _repair_jsonl(path)
 
 
+#: bytes read at a time when repairing an output: memory stays flat for any output size
+_REPAIR_CHUNK = 1 << 24
+
+
 def _repair_jsonl(path: Path) -> int:
+    rows = 0
+    end = 0
+    offset = 0
     with path.open("rb+") as handle:
-        data = handle.read()
-        end = data.rfind(b"\n") + 1
-        if end != len(data):
+        while chunk := handle.read(_REPAIR_CHUNK):
+            count = chunk.count(b"\n")
+            if count:
+                rows += count
+                end = offset + chunk.rfind(b"\n") + 1
+            offset += len(chunk)
+        if end != offset:
             handle.truncate(end)
-        return data.count(b"\n", 0, end)
+    return rows
 
 
 def _repair_csv(path: Path) -> int:
     """Rows may hold quoted newlines: a newline ends a row only outside quotes, i.e. when the
     quotes seen so far are even in number (``""`` escapes count twice, so they cancel)."""
+    rows = 0
+    quotes = 0
+    end = 0
+    position = 0  # end of the last whole line seen
+    tail = b""  # the bytes after the last newline, carried into the next chunk
     with path.open("rb+") as handle:
-        data = handle.read()
-        rows = 0
-        quotes = 0
-        end = 0
-        position = 0
-        for line in data.split(b"\n")[:-1]:
-            position += len(line) + 1
-            quotes += line.count(b'"')
-            if quotes % 2 == 0:
-                rows += 1
-                end = position
-        if end != len(data):
+        while chunk := handle.read(_REPAIR_CHUNK):
+            lines = (tail + chunk).split(b"\n")
+            tail = lines.pop()
+            for line in lines:
+                position += len(line) + 1
+                quotes += line.count(b'"')
+                if quotes % 2 == 0:
+                    rows += 1
+                    end = position
+        if end != position + len(tail):
             handle.truncate(end)
-        return max(rows - 1, 0)  # the header
+    return max(rows - 1, 0)  # the header

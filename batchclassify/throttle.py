@@ -2,6 +2,9 @@
 
 Every attempt passes :meth:`Throttle.acquire` before it is sent and reports back how it went:
 
+- Slow start (adaptive mode): the run begins with 4 requests in flight and adds one per
+  success up to the concurrency (doubling per round trip), so a rate-limited server sees a small
+  burst of 429s at the start rather than a wall of them.
 - ``--rate R`` is a hard ceiling, enforced by :class:`aiolimiter.AsyncLimiter`.
 - Adaptive control (on by default) starts unlimited and reacts to the server: a 429 or 503 cuts
   the allowed rate to a fraction of the success rate just measured (multiplicative decrease) and
@@ -51,6 +54,8 @@ class ThrottleOptions:
     increase: float = 0.1
     #: window over which the success rate is measured (seconds)
     window: float = 2.0
+    #: requests in flight at the start of slow start (adaptive mode only)
+    initial_window: int = 4
     first_probe_delay: float = 0.5
     max_probe_delay: float = 15.0
 
@@ -58,17 +63,28 @@ class ThrottleOptions:
 class Throttle:
     """Shared by every worker of one run; create it inside the running event loop."""
 
-    def __init__(self, options: ThrottleOptions | None = None) -> None:
+    def __init__(self, options: ThrottleOptions | None = None, *, concurrency: int = 1) -> None:
         self.options = options or ThrottleOptions()
+        # Slow start (adaptive mode): begin with a few requests in flight rather than the whole
+        # concurrency, so a rate-limited server answers one small burst of 429s, not a wall.
+        self._concurrency = concurrency
+        self._window = float(min(self.options.initial_window, concurrency))
+        self._slow_start = self.options.adaptive and self._window < concurrency
+        self._in_flight = 0
+        self._capacity = asyncio.Event()
         rate = self.options.rate
         self._ceiling = AsyncLimiter(rate, 1.0) if rate else None
         self._loop = asyncio.get_running_loop()
         self._rate = math.inf
         self._rate_at_cut = math.inf
+        self._rate_at_push = math.inf
+        self._last_jump = -math.inf
         self._next_slot = 0.0
         self._last_cut = -math.inf
         self._resume_at = 0.0
+        # Times of recent successes and sends, at most `window` seconds' worth.
         self._ok_times: deque[float] = deque()
+        self._sent_times: deque[float] = deque()
         self._consecutive_failures = 0
         self._outage_since: float | None = None
         self._gate_open = asyncio.Event()
@@ -90,15 +106,26 @@ class Throttle:
 
     async def acquire(self) -> float:
         """Wait until one more request may be sent; returns a ticket (the send time) to hand
-        back to :meth:`success` or :meth:`failure`."""
-        await self._pass_gate()
-        # A loop, not one sleep: another 429 may push the cooldown further while we wait.
-        while (delay := self._resume_at - self._loop.time()) > 0:  # noqa: ASYNC110
-            await asyncio.sleep(delay)
-        await self._pace()
-        if self._ceiling is not None:
-            await self._ceiling.acquire()
-        return self._loop.time()
+        back to :meth:`success`, :meth:`failure` or :meth:`release`."""
+        # The slow-start window first: a waiter released when it ends must still be paced.
+        while self._slow_start and self._in_flight >= self._window:
+            self._capacity.clear()
+            await self._capacity.wait()
+        self._in_flight += 1
+        try:
+            await self._pass_gate()
+            # A loop, not one sleep: another 429 may push the cooldown further while we wait.
+            while (delay := self._resume_at - self._loop.time()) > 0:  # noqa: ASYNC110
+                await asyncio.sleep(delay)
+            await self._pace()
+            if self._ceiling is not None:
+                await self._ceiling.acquire()
+        except BaseException:
+            self._settle()
+            raise
+        now = self._loop.time()
+        _record(self._sent_times, now, self.options.window)
+        return now
 
     async def _pace(self) -> None:
         """Space sends ``1/rate`` apart. No slot is reserved ahead: a waiter re-checks after its
@@ -115,18 +142,27 @@ class Throttle:
             await asyncio.sleep(self._next_slot - now)
 
     def success(self, ticket: float) -> None:
+        self._settle()
+        if self._slow_start:
+            # Slow start: one more in flight per success, so the window doubles every round
+            # trip until it reaches the concurrency.
+            self._window += 1
+            if self._window >= self._concurrency:
+                self._slow_start = False
         now = self._loop.time()
-        self._ok_times.append(now)
+        _record(self._ok_times, now, self.options.window)
         self._consecutive_failures = 0
         if self._outage_since is not None:
             self._end_outage()
         if self._rate != math.inf and self.options.adaptive:
-            # Additive: +increase x (rate set at the last cut) per second's worth of successes.
-            self._rate += self.options.increase * self._rate_at_cut / self._rate
+            self._raise_rate(now)
 
     def failure(self, ticket: float, *, status: int | None, retry_after: float | None) -> None:
         """Report a transient failure: ``status`` is the HTTP status, ``None`` for a timeout or
         a connection error."""
+        self._settle()
+        if status in (429, 503):
+            self._slow_start = False
         now = self._loop.time()
         self._probe_in_flight = False
         if retry_after:
@@ -147,19 +183,41 @@ class Throttle:
 
     def release(self) -> None:
         """An acquired slot was not used for a request with an outcome (e.g. cancelled)."""
+        self._settle()
         self._probe_in_flight = False
+
+    def _settle(self) -> None:
+        self._in_flight -= 1
+        self._capacity.set()
 
     # --- adaptive rate ---------------------------------------------------------------------
 
+    def _raise_rate(self, now: float) -> None:
+        """After a quiet second, jump halfway back to the rate that drew the last 429 (a cut
+        may well have undershot: the first one is measured on a fraction of a second); close
+        to it, probe upwards additively, by ``increase`` x that rate per second."""
+        high = self._rate_at_push
+        if self._rate < 0.95 * high and now - max(self._last_cut, self._last_jump) >= 1.0:
+            self._rate = (self._rate + high) / 2
+            self._last_jump = now
+            return
+        self._rate += self.options.increase * min(high, self._rate_at_cut * 2) / self._rate
+
     def _cut(self, now: float) -> None:
         window = self.options.window
-        while self._ok_times and self._ok_times[0] < now - window:
-            self._ok_times.popleft()
-        # Successes per second lately; over at least a second, so that the burst a token bucket
-        # grants at the start does not pass for the sustained rate.
-        span = max(min(window, now - self._ok_times[0]) if self._ok_times else window, 1.0)
-        measured = max(len(self._ok_times) / span, 1.0)
-        self._rate = max(self.options.min_rate, min(self._rate, measured) * self.options.decrease)
+        _record(self._ok_times, None, window, now=now)
+        _record(self._sent_times, None, window, now=now)
+        if len(self._ok_times) >= _MIN_SAMPLES:
+            # Successes per second lately: what the server let through while we pushed.
+            base = _per_second(self._ok_times, now, window)
+        else:
+            # Too few successes to measure (429s come back faster than answers, so the first
+            # one often arrives before any success): halve what we were sending instead.
+            base = max(_per_second(self._sent_times, now, window), 1.0) * 0.5
+        # What we were sending when the server pushed back: an upper bound of its limit.
+        sent = _per_second(self._sent_times, now, window)
+        self._rate_at_push = min(self._rate, max(sent, base))
+        self._rate = max(self.options.min_rate, min(self._rate, base) * self.options.decrease)
         self._rate_at_cut = self._rate
         self._last_cut = now
         self._next_slot = now + 1.0 / self._rate
@@ -202,3 +260,26 @@ class Throttle:
                 wait = min(wait, max(self._outage_since + limit - now, 0.0) + 0.01)
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._gate_open.wait(), timeout=wait)
+
+
+#: successes in the window needed before their rate is trusted as the server's
+_MIN_SAMPLES = 5
+
+
+def _record(times: deque[float], event: float | None, window: float, *, now: float = 0.0) -> None:
+    """Append ``event`` (if given) and forget what is older than ``window`` seconds, so the
+    deque never holds more than a window's worth however long the run."""
+    if event is not None:
+        times.append(event)
+        now = event
+    while times and times[0] < now - window:
+        times.popleft()
+
+
+def _per_second(times: deque[float], now: float, window: float) -> float:
+    """Events per second over the window; over at least a second, so that the burst a token
+    bucket grants at the start does not pass for its sustained rate."""
+    if not times:
+        return 0.0
+    span = max(min(window, now - times[0]), 1.0)
+    return len(times) / span

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from helpers import make_image
 
+from batchclassify import sinks
 from batchclassify.errors import ConfigError
 from batchclassify.model import ErrorInfo, Item, Result
 from batchclassify.sinks import repair_output
@@ -154,6 +155,13 @@ def test_default_state_path_is_beside_the_first_file_output() -> None:
     assert default_state_path(["-"]) is None
 
 
+@pytest.fixture(params=[5, 1 << 24], ids=["tiny-chunks", "default-chunks"])
+def chunked(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Repair reads outputs in chunks; tiny ones put rows and quotes across chunk edges."""
+    monkeypatch.setattr(sinks, "_REPAIR_CHUNK", request.param)
+
+
+@pytest.mark.usefixtures("chunked")
 def test_repair_jsonl_cuts_a_torn_last_line(tmp_path: Path) -> None:
     path = tmp_path / "r.jsonl"
     path.write_text('{"a":1}\n{"a":2}\n{"a":')
@@ -162,6 +170,7 @@ def test_repair_jsonl_cuts_a_torn_last_line(tmp_path: Path) -> None:
     assert repair_output(path) == 2
 
 
+@pytest.mark.usefixtures("chunked")
 def test_repair_csv_respects_quoted_newlines(tmp_path: Path) -> None:
     path = tmp_path / "r.csv"
     with path.open("w", newline="") as handle:

@@ -106,3 +106,41 @@ async def test_long_outage_aborts() -> None:
         for _ in range(100):
             ticket = await asyncio.wait_for(throttle.acquire(), 2)
             throttle.failure(ticket, status=None, retry_after=None)
+
+
+async def test_slow_start_admits_a_few_then_doubles_per_round_trip() -> None:
+    throttle = Throttle(ThrottleOptions(initial_window=4), concurrency=32)
+    first = [await asyncio.wait_for(throttle.acquire(), 1) for _ in range(4)]
+    blocked = asyncio.create_task(throttle.acquire())
+    await asyncio.sleep(0.05)
+    assert not blocked.done()  # a fifth waits for an answer
+    throttle.success(first[0])
+    await asyncio.wait_for(blocked, 1)
+    # one success opened two slots: the one it freed and one more
+    extra = asyncio.create_task(throttle.acquire())
+    await asyncio.wait_for(extra, 1)
+
+
+async def test_a_429_ends_slow_start_and_waiters_are_paced() -> None:
+    throttle = Throttle(ThrottleOptions(initial_window=2), concurrency=16)
+    tickets = [await throttle.acquire() for _ in range(2)]
+    waiters = [asyncio.create_task(throttle.acquire()) for _ in range(3)]
+    throttle.failure(tickets[0], status=429, retry_after=None)
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    await asyncio.wait_for(asyncio.gather(*waiters), 10)
+    # No success was seen: the rate is half of what was sent (2/s over a second) x 0.85, so
+    # the three released waiters are spaced, not let through as a wall.
+    assert throttle.rate < 2
+    assert loop.time() - start > 1
+
+
+async def test_memory_of_past_requests_is_bounded() -> None:
+    throttle = Throttle(ThrottleOptions(window=0.05))
+    for n in range(2000):
+        throttle.success(await throttle.acquire())
+        if n == 1000:
+            await asyncio.sleep(0.06)
+    # Only the last window's worth is remembered, however long the run.
+    assert len(throttle._ok_times) <= 1000
+    assert len(throttle._sent_times) <= 1000
