@@ -143,7 +143,7 @@ class Pipeline:
             max_workers=options.prepare_workers or default_workers(),
             thread_name_prefix="batchclassify-prepare",
         )
-        self.throttle = Throttle(options.throttle, concurrency=options.concurrency)
+        self.throttle = Throttle(options.throttle)
         self._dedup = ContentDedup(self._store) if options.dedup else None
         async with ClassifyClient(options.client, throttle=self.throttle) as client:
             self.client = client

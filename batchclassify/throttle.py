@@ -2,9 +2,6 @@
 
 Every attempt passes :meth:`Throttle.acquire` before it is sent and reports back how it went:
 
-- Slow start (adaptive mode): the run begins with 4 requests in flight and adds one per
-  success up to the concurrency (doubling per round trip), so a rate-limited server sees a small
-  burst of 429s at the start rather than a wall of them.
 - ``--rate R`` is a hard ceiling, enforced by :class:`aiolimiter.AsyncLimiter`.
 - Adaptive control (on by default) starts unlimited and reacts to the server: a 429 or 503 cuts
   the allowed rate to a fraction of the success rate just measured (multiplicative decrease) and
@@ -54,8 +51,6 @@ class ThrottleOptions:
     increase: float = 0.1
     #: window over which the success rate is measured (seconds)
     window: float = 2.0
-    #: requests in flight at the start of slow start (adaptive mode only)
-    initial_window: int = 4
     first_probe_delay: float = 0.5
     max_probe_delay: float = 15.0
 
@@ -63,15 +58,8 @@ class ThrottleOptions:
 class Throttle:
     """Shared by every worker of one run; create it inside the running event loop."""
 
-    def __init__(self, options: ThrottleOptions | None = None, *, concurrency: int = 1) -> None:
+    def __init__(self, options: ThrottleOptions | None = None) -> None:
         self.options = options or ThrottleOptions()
-        # Slow start (adaptive mode): begin with a few requests in flight rather than the whole
-        # concurrency, so a rate-limited server answers one small burst of 429s, not a wall.
-        self._concurrency = concurrency
-        self._window = float(min(self.options.initial_window, concurrency))
-        self._slow_start = self.options.adaptive and self._window < concurrency
-        self._in_flight = 0
-        self._capacity = asyncio.Event()
         rate = self.options.rate
         self._ceiling = AsyncLimiter(rate, 1.0) if rate else None
         self._loop = asyncio.get_running_loop()
@@ -107,22 +95,13 @@ class Throttle:
     async def acquire(self) -> float:
         """Wait until one more request may be sent; returns a ticket (the send time) to hand
         back to :meth:`success`, :meth:`failure` or :meth:`release`."""
-        # The slow-start window first: a waiter released when it ends must still be paced.
-        while self._slow_start and self._in_flight >= self._window:
-            self._capacity.clear()
-            await self._capacity.wait()
-        self._in_flight += 1
-        try:
-            await self._pass_gate()
-            # A loop, not one sleep: another 429 may push the cooldown further while we wait.
-            while (delay := self._resume_at - self._loop.time()) > 0:  # noqa: ASYNC110
-                await asyncio.sleep(delay)
-            await self._pace()
-            if self._ceiling is not None:
-                await self._ceiling.acquire()
-        except BaseException:
-            self._settle()
-            raise
+        await self._pass_gate()
+        # A loop, not one sleep: another 429 may push the cooldown further while we wait.
+        while (delay := self._resume_at - self._loop.time()) > 0:  # noqa: ASYNC110
+            await asyncio.sleep(delay)
+        await self._pace()
+        if self._ceiling is not None:
+            await self._ceiling.acquire()
         now = self._loop.time()
         _record(self._sent_times, now, self.options.window)
         return now
@@ -142,13 +121,6 @@ class Throttle:
             await asyncio.sleep(self._next_slot - now)
 
     def success(self, ticket: float) -> None:
-        self._settle()
-        if self._slow_start:
-            # Slow start: one more in flight per success, so the window doubles every round
-            # trip until it reaches the concurrency.
-            self._window += 1
-            if self._window >= self._concurrency:
-                self._slow_start = False
         now = self._loop.time()
         _record(self._ok_times, now, self.options.window)
         self._consecutive_failures = 0
@@ -160,9 +132,6 @@ class Throttle:
     def failure(self, ticket: float, *, status: int | None, retry_after: float | None) -> None:
         """Report a transient failure: ``status`` is the HTTP status, ``None`` for a timeout or
         a connection error."""
-        self._settle()
-        if status in (429, 503):
-            self._slow_start = False
         now = self._loop.time()
         self._probe_in_flight = False
         if retry_after:
@@ -183,12 +152,7 @@ class Throttle:
 
     def release(self) -> None:
         """An acquired slot was not used for a request with an outcome (e.g. cancelled)."""
-        self._settle()
         self._probe_in_flight = False
-
-    def _settle(self) -> None:
-        self._in_flight -= 1
-        self._capacity.set()
 
     # --- adaptive rate ---------------------------------------------------------------------
 
