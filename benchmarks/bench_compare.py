@@ -55,6 +55,7 @@ from benchutil import (
     Meter,
     machine,
     make_images,
+    pipeline_options,
     report,
     run_child,
     table,
@@ -62,7 +63,7 @@ from benchutil import (
 )
 from PIL import Image
 
-from batchclassify import ClientOptions, PipelineOptions, run
+from batchclassify import run
 from batchclassify.emulator import predict, sample_latency
 from batchclassify.model import Result
 
@@ -230,15 +231,7 @@ class _Keep:
 
 
 def with_batchclassify(spec: dict[str, Any]) -> dict[str, dict[str, float]]:
-    options = PipelineOptions(
-        client=ClientOptions(
-            endpoint=spec["url"],
-            model=MODEL,
-            version=VERSION,
-            api_key=API_KEY,
-            concurrency=spec["concurrency"],
-        )
-    )
+    options = pipeline_options(spec["url"], spec["concurrency"], dedup=True)
     sink = _Keep()
     asyncio.run(run([spec["list"]], options, sinks=[sink]))
     return sink.answers

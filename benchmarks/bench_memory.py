@@ -34,19 +34,17 @@ from pathlib import Path
 from typing import Any
 
 from benchutil import (
-    API_KEY,
-    MODEL,
-    VERSION,
     Emulator,
     Meter,
     machine,
     make_images,
+    pipeline_options,
     report,
     run_child,
     table,
 )
 
-from batchclassify import ClientOptions, PipelineOptions, run
+from batchclassify import run
 from batchclassify.model import Result
 from batchclassify.sinks import NullSink
 
@@ -142,16 +140,7 @@ def current_rss_mb() -> float:
 
 
 def child(spec: dict[str, Any]) -> int:
-    options = PipelineOptions(
-        client=ClientOptions(
-            endpoint=spec["url"],
-            model=MODEL,
-            version=VERSION,
-            api_key=API_KEY,
-            concurrency=spec["concurrency"],
-        ),
-        dedup=False,
-    )
+    options = pipeline_options(spec["url"], spec["concurrency"])
     probe = RssProbe(spec["probe_every"])
     meter = Meter()
     meter.start()

@@ -33,20 +33,18 @@ from pathlib import Path
 from typing import Any
 
 from benchutil import (
-    API_KEY,
-    MODEL,
-    VERSION,
     Emulator,
     Meter,
     machine,
     make_images,
+    pipeline_options,
     report,
     run_child,
     table,
     write_list,
 )
 
-from batchclassify import ClientOptions, Pipeline, PipelineOptions, run
+from batchclassify import Pipeline, run
 from batchclassify.model import Result
 
 #: the extra point: this limit and concurrency, with ``Retry-After: 1`` on every 429
@@ -141,16 +139,7 @@ class _Clock:
 
 
 def child(spec: dict[str, Any]) -> int:
-    options = PipelineOptions(
-        client=ClientOptions(
-            endpoint=spec["url"],
-            model=MODEL,
-            version=VERSION,
-            api_key=API_KEY,
-            concurrency=spec["concurrency"],
-        ),
-        dedup=False,
-    )
+    options = pipeline_options(spec["url"], spec["concurrency"])
     pipelines: list[Pipeline] = []
     clock = _Clock()
     meter = Meter()

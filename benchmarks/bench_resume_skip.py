@@ -33,10 +33,20 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from benchutil import API_KEY, MODEL, VERSION, Emulator, Meter, machine, report, run_child, table
+from benchutil import (
+    MODEL,
+    VERSION,
+    Emulator,
+    Meter,
+    machine,
+    pipeline_options,
+    report,
+    run_child,
+    table,
+)
 
 import batchclassify.runner as runner_module
-from batchclassify import ClientOptions, ErrorInfo, PipelineOptions, Result
+from batchclassify import ErrorInfo, Result
 from batchclassify.emulator import DEFAULT_CLASSES
 from batchclassify.runner import JobState, run
 from batchclassify.state import Fingerprint, StateStore
@@ -223,9 +233,7 @@ def instrument() -> None:
 
 def child(spec: dict[str, Any]) -> int:
     instrument()
-    options = PipelineOptions(
-        client=ClientOptions(endpoint=spec["url"], model=MODEL, version=VERSION, api_key=API_KEY)
-    )
+    options = pipeline_options(spec["url"], dedup=True)
     state = JobState(path=Path(spec["state"]), resume=True)
 
     async def resume() -> int:

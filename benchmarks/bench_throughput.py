@@ -29,21 +29,19 @@ from pathlib import Path
 from typing import Any
 
 from benchutil import (
-    API_KEY,
-    MODEL,
-    VERSION,
     Emulator,
     Meter,
     Samples,
     machine,
     make_images,
+    pipeline_options,
     report,
     run_child,
     table,
     write_list,
 )
 
-from batchclassify import ClientOptions, PipelineOptions, run
+from batchclassify import run
 from batchclassify.sinks import NullSink
 
 #: images per point: enough for ~20 rounds of C requests
@@ -118,16 +116,7 @@ def measure(emulator: Emulator, listing: Path, concurrency: int, count: int) -> 
 
 def child(spec: dict[str, Any]) -> int:
     """The measured client: batchclassify.run over a list, no dedup, results discarded."""
-    options = PipelineOptions(
-        client=ClientOptions(
-            endpoint=spec["url"],
-            model=MODEL,
-            version=VERSION,
-            api_key=API_KEY,
-            concurrency=spec["concurrency"],
-        ),
-        dedup=False,
-    )
+    options = pipeline_options(spec["url"], spec["concurrency"])
     meter = Meter()
     meter.start()
     stats = asyncio.run(run([spec["list"]], options, sinks=[NullSink()]))

@@ -27,6 +27,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
+from batchclassify import ClientOptions, PipelineOptions
 from batchclassify.emulator import LISTENING_PREFIX
 
 #: every benchmark talks to this model; the emulator is started with ``--models demo/1``
@@ -249,3 +250,12 @@ def table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
         ]
         lines.append("  ".join(cells))
     return "\n".join(lines)
+
+
+def pipeline_options(url: str, concurrency: int = 8, *, dedup: bool = False) -> PipelineOptions:
+    """batchclassify's options for a measured client against the emulator at ``url``. Dedup is
+    off by default: benchmarks reuse a few images, which dedup would answer without a request."""
+    client = ClientOptions(
+        endpoint=url, model=MODEL, version=VERSION, api_key=API_KEY, concurrency=concurrency
+    )
+    return PipelineOptions(client=client, dedup=dedup)
