@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import sys
+import traceback
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -448,6 +449,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except RunAborted as exc:
         _say(f"error: run stopped: {redact(str(exc), secret)}")
+        return EXIT_USAGE
+    except Exception:
+        # A bug, or an environment problem nobody anticipated: show what happened (the key
+        # scrubbed from the traceback too), and fail like a fatal error.
+        _say(redact(traceback.format_exc(), secret))
+        _say("error: internal error (a bug in batchclassify: please report the lines above)")
         return EXIT_USAGE
 
 

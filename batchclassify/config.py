@@ -22,6 +22,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -126,6 +127,12 @@ class RunSettings:
         )
         if self.shard is not None:
             parse_shard(self.shard)
+        endpoint = urlsplit(self.endpoint)
+        _check(
+            endpoint.scheme in ("http", "https") and bool(endpoint.hostname),
+            "endpoint",
+            f"must be an http(s) URL such as {DEFAULT_ENDPOINT}, got {self.endpoint!r}",
+        )
 
     @classmethod
     def names(cls) -> frozenset[str]:

@@ -340,3 +340,17 @@ async def test_report_command_writes_a_page_from_a_run(
     assert 'id="total">7<' in page and 'id="failed">1<' in page
     code, _, stderr = await cli("report", str(out))
     assert code == 2 and "already exists" in stderr
+
+
+async def test_an_endpoint_that_is_not_a_url_is_a_usage_error(tmp_path: Path) -> None:
+    code, _, stderr = await cli(
+        "run",
+        str(REPO / "samples"),
+        "--model",
+        "demo/1",
+        "--api-key",
+        KEY,
+        "--endpoint",
+        "classify.roboflow.com",
+    )
+    assert code == 2 and "--endpoint must be an http(s) URL" in stderr
