@@ -150,7 +150,7 @@ class _Writer:
     async def drain(self, pipeline: Pipeline, bar: tqdm[Any] | None) -> RunStats:
         self._bar = bar
         stats = self.stats
-        ticker = asyncio.create_task(self._tick())
+        ticker = asyncio.create_task(self._tick(pipeline))
         try:
             # aclosing: an exception in a sink must stop the workers now, not at garbage
             # collection of the generator.
@@ -164,10 +164,17 @@ class _Writer:
             stats.aborted = str(exc)
         finally:
             ticker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            try:
                 await ticker
-            await self._commit()
-            await self._flush()
+            except asyncio.CancelledError:
+                pass
+            except RunAborted as exc:
+                stats.aborted = stats.aborted or str(exc)
+            try:
+                await self._commit()
+                await self._flush()
+            except RunAborted as exc:
+                stats.aborted = stats.aborted or str(exc)
             stats.finished = time.monotonic()
             stats.requests_sent = pipeline.requests_sent
             stats.reused = pipeline.reused
@@ -176,14 +183,19 @@ class _Writer:
                 bar.set_postfix(ok=stats.ok, failed=stats.failed, refresh=False)
         return stats
 
-    async def _tick(self) -> None:
+    async def _tick(self, pipeline: Pipeline) -> None:
         last_flush = time.monotonic()
-        while True:
-            await asyncio.sleep(COMMIT_INTERVAL)
-            await self._commit()
-            if time.monotonic() - last_flush >= FLUSH_INTERVAL:
-                await self._flush()
-                last_flush = time.monotonic()
+        try:
+            while True:
+                await asyncio.sleep(COMMIT_INTERVAL)
+                await self._commit()
+                if time.monotonic() - last_flush >= FLUSH_INTERVAL:
+                    await self._flush()
+                    last_flush = time.monotonic()
+        except RunAborted:
+            # An output that cannot be written: classifying more would only pile results up.
+            pipeline.stop()
+            raise
 
     async def _commit(self) -> None:
         async with self._committing:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import errno
 import io
 import json
 import os
@@ -22,7 +23,7 @@ from typing import Any, Literal, Protocol
 import aiofiles
 from aiofiles.threadpool.text import AsyncTextIOWrapper
 
-from batchclassify.errors import ConfigError
+from batchclassify.errors import ConfigError, RunAborted
 from batchclassify.model import Result
 
 __all__ = [
@@ -116,18 +117,39 @@ class _BufferedFileSink:
             if self._pending:
                 text = "".join(self._pending)
                 self._pending.clear()
-                await self._handle.write(text)
-                await self._handle.flush()
+                try:
+                    await self._handle.write(text)
+                    await self._handle.flush()
+                except OSError as exc:
+                    raise RunAborted(
+                        f"cannot write output {str(self.path)!r}: {exc.strerror or exc}"
+                    ) from None
 
     async def aclose(self) -> None:
+        error: RunAborted | None = None
         try:
             await self.flush()
             # Results are the product: make sure they reach the disk, not just the page cache.
-            await self._handle.flush()
-            fd = self._handle.fileno()
-            await asyncio.to_thread(os.fsync, fd)
-        finally:
+            await asyncio.to_thread(_fsync, self._handle.fileno())
+        except RunAborted as exc:
+            error = exc
+        try:
             await self._handle.close()
+        except OSError as exc:
+            error = error or RunAborted(
+                f"cannot write output {str(self.path)!r}: {exc.strerror or exc}"
+            )
+        if error is not None:
+            raise error
+
+
+def _fsync(fd: int) -> None:
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.EROFS, errno.ENOTSUP):
+            raise RunAborted(f"cannot write an output to disk: {exc.strerror}") from None
+        # A pipe, a device or a file system without fsync: nothing more can be done.
 
 
 class JsonlSink(_BufferedFileSink):

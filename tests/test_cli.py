@@ -354,3 +354,31 @@ async def test_an_endpoint_that_is_not_a_url_is_a_usage_error(tmp_path: Path) ->
         "classify.roboflow.com",
     )
     assert code == 2 and "--endpoint must be an http(s) URL" in stderr
+
+
+async def test_a_full_disk_stops_the_run_with_a_clear_message(
+    tmp_path: Path, start_emulator: StartEmulator
+) -> None:
+    if not Path("/dev/full").exists():
+        pytest.skip("needs /dev/full to simulate a full disk")
+    url = await start_emulator(latency_ms=50)  # 200 images take ~1.3 s: several flushes
+    files(tmp_path / "in", 200)
+    full = tmp_path / "r.jsonl"
+    full.symlink_to("/dev/full")
+    code, _, stderr = await cli(
+        "run",
+        str(tmp_path / "in"),
+        "--model",
+        "demo/1",
+        "--endpoint",
+        url,
+        "--api-key",
+        KEY,
+        "--out",
+        str(full),
+        "--overwrite",
+        "--no-state",
+    )
+    assert code == 2, stderr
+    assert "cannot write output" in stderr and "Traceback" not in stderr
+    assert (await emulator_stats(url))["requests"] < 200  # it stopped, not ran to the end
