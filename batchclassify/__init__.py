@@ -20,7 +20,7 @@ from batchclassify.model import ErrorInfo, Item, Result
 from batchclassify.pipeline import Pipeline, PipelineOptions, iter_results
 from batchclassify.prepare import PrepareOptions
 from batchclassify.retry import RetryPolicy
-from batchclassify.runner import run
+from batchclassify.runner import JobState, run
 from batchclassify.sources import SourceOptions
 from batchclassify.summary import RunStats
 from batchclassify.throttle import ThrottleOptions
@@ -41,6 +41,7 @@ __all__ = [
     "InputError",
     "Item",
     "ItemRejectedError",
+    "JobState",
     "Pipeline",
     "PipelineOptions",
     "PrepareOptions",
