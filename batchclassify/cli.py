@@ -196,8 +196,8 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
         "-o",
         action="append",
         metavar="FILE",
-        help="write results to FILE: .jsonl or .csv by extension, - for JSONL "
-        "on stdout; repeat for several outputs",
+        help="write results to FILE: .jsonl, .csv or .parquet (needs pyarrow) by extension, "
+        "- for JSONL on stdout; repeat for several outputs",
     )
     io_group.add_argument(
         "--overwrite",
