@@ -177,12 +177,8 @@ def _read(path: Path) -> bytes:
                 kind="not_found",
             ) from None
         raise InputError(f"{name}: no such file", kind="not_found") from None
-    except PermissionError:
-        raise InputError(f"{name}: permission denied", kind="unreadable") from None
     except OSError as exc:
-        raise InputError(
-            f"{name}: cannot read the file ({exc.strerror})", kind="unreadable"
-        ) from None
+        raise _unreadable(name, exc) from None
     if stat.S_ISDIR(info.st_mode):
         raise InputError(f"{name}: is a directory, not an image file", kind="not_a_file")
     if not stat.S_ISREG(info.st_mode):  # reading a FIFO could block forever
@@ -193,12 +189,14 @@ def _read(path: Path) -> bytes:
         raise _far_too_large(name, info.st_size)
     try:
         return path.read_bytes()
-    except PermissionError:
-        raise InputError(f"{name}: permission denied", kind="unreadable") from None
     except OSError as exc:
-        raise InputError(
-            f"{name}: cannot read the file ({exc.strerror})", kind="unreadable"
-        ) from None
+        raise _unreadable(name, exc) from None
+
+
+def _unreadable(name: str, exc: OSError) -> InputError:
+    if isinstance(exc, PermissionError):
+        return InputError(f"{name}: permission denied", kind="unreadable")
+    return InputError(f"{name}: cannot read the file ({exc.strerror})", kind="unreadable")
 
 
 def _truncated_format(data: bytes) -> str | None:
