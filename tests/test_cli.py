@@ -21,6 +21,11 @@ async def cli(
     return await run_cli(*args, env={"ROBOFLOW_API_KEY": "", **(env or {})}, stdin=stdin)
 
 
+def job(folder: Path, url: str) -> list[str]:
+    """``run FOLDER`` against the emulator at ``url`` with the test key."""
+    return ["run", str(folder), "--model", "demo/1", "--endpoint", url, "--api-key", KEY]
+
+
 def files(root: Path, count: int, *, first: int = 0) -> list[Path]:
     numbers = range(first, first + count)
     return [make_image(root / f"{n:03d}.jpg", seed=n, size=(32, 24)) for n in numbers]
@@ -176,14 +181,7 @@ async def test_sigint_mid_run_flushes_and_exits_130(
     files(tmp_path / "in", 300)
     out, table = tmp_path / "r.jsonl", tmp_path / "r.csv"
     process = await start_cli(
-        "run",
-        str(tmp_path / "in"),
-        "--model",
-        "demo/1",
-        "--endpoint",
-        url,
-        "--api-key",
-        KEY,
+        *job(tmp_path / "in", url),
         "--concurrency",
         "4",
         "--out",
@@ -291,14 +289,7 @@ async def test_verbose_logs_retries_without_the_key(
     url = await start_emulator(fail_rate=0.5, reset_rate=0.2, seed=3)
     files(tmp_path / "in", 10)
     code, stdout, stderr = await cli(
-        "run",
-        str(tmp_path / "in"),
-        "--model",
-        "demo/1",
-        "--endpoint",
-        url,
-        "--api-key",
-        KEY,
+        *job(tmp_path / "in", url),
         "--retries",
         "20",
         "--max-wait",
@@ -320,14 +311,7 @@ async def test_report_command_writes_a_page_from_a_run(
     (tmp_path / "in" / "bad.jpg").write_text("no")
     out, summary = tmp_path / "r.jsonl", tmp_path / "s.json"
     code, _, stderr = await cli(
-        "run",
-        str(tmp_path / "in"),
-        "--model",
-        "demo/1",
-        "--endpoint",
-        url,
-        "--api-key",
-        KEY,
+        *job(tmp_path / "in", url),
         "--out",
         str(out),
         "--summary",
@@ -366,14 +350,7 @@ async def test_a_full_disk_stops_the_run_with_a_clear_message(
     full = tmp_path / "r.jsonl"
     full.symlink_to("/dev/full")
     code, _, stderr = await cli(
-        "run",
-        str(tmp_path / "in"),
-        "--model",
-        "demo/1",
-        "--endpoint",
-        url,
-        "--api-key",
-        KEY,
+        *job(tmp_path / "in", url),
         "--out",
         str(full),
         "--overwrite",
