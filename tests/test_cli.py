@@ -359,3 +359,30 @@ async def test_a_full_disk_stops_the_run_with_a_clear_message(
     assert code == 2, stderr
     assert "cannot write output" in stderr and "Traceback" not in stderr
     assert (await emulator_stats(url))["requests"] < 200  # it stopped, not ran to the end
+
+
+async def test_shutdown_grace_bounds_the_wait_for_hung_requests(
+    tmp_path: Path, start_emulator: StartEmulator
+) -> None:
+    url = await start_emulator(hang_rate=1.0)
+    files(tmp_path / "in", 5)
+    out = tmp_path / "r.jsonl"
+    process = await start_cli(
+        *job(tmp_path / "in", url),
+        "--timeout",
+        "60",
+        "--shutdown-grace",
+        "0.5",
+        "--out",
+        str(out),
+    )
+    for _ in range(200):  # wait until the requests hang in the server
+        await asyncio.sleep(0.05)
+        if (await emulator_stats(url))["in_flight"] > 0:
+            break
+    started = asyncio.get_running_loop().time()
+    process.send_signal(signal.SIGINT)
+    _, err = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode == 130, err.decode()
+    assert asyncio.get_running_loop().time() - started < 10  # not the 60 s request timeout
+    assert out.read_text() == ""  # the hung items were not reported: a resume redoes them
