@@ -5,7 +5,7 @@ Where a result goes::
 
     status error                          DIR/_failed/
     ok, one class (predicted == [top])    DIR/<top>/
-    ok, multi-label                       DIR/<class>/ for EVERY predicted class
+    ok, multi-label                       DIR/<class>/ for EVERY predicted class (up to a cap)
     no class, top "", under the threshold DIR/_uncertain/
 
 With ``min_confidence`` a single-label result is judged on ``confidence``, a multi-label one class
@@ -13,19 +13,35 @@ by class on that class's own score in ``predictions`` (the classes under the thr
 dropped, not the whole image); a class whose score is unknown counts as under the threshold. An
 image with no class left goes to ``_uncertain``.
 
+**Caps**: class names come from the server, so one answer must not be able to flood ``DIR``. An
+image goes into at most ``max_classes_per_image`` (64) class folders, the first ones in class
+order; a run uses at most ``max_class_folders`` (10 000) distinct class folders, created or found.
+A class past the run's cap is dropped like one under the threshold (so an image left without a
+class goes to ``_uncertain``). Each cap is logged once per run. Both are :class:`OrganizeOptions`.
+
 **Folder names** (:func:`folder_name`) keep ordinary class names as they are (``golden
 retriever``) and percent-encode only what is unsafe or ambiguous: ``%``, ``/``, ``\\``, control
-characters and the characters Windows forbids (``<>:"|?*``); a leading ``.`` or ``_``; a trailing
-``.`` or space; and Windows device names (``con``, ``lpt1``, …). Names starting with ``_`` are
-therefore ours alone: a class called ``_failed`` lives in ``%5Ffailed``, never in ``_failed``.
-The encoding is reversible with :func:`urllib.parse.unquote` (except for names over 200 bytes,
-which are shortened with a hash). Case is kept, so on a case-insensitive filesystem (macOS,
-Windows) ``Cat`` and ``cat`` share a folder.
+characters, lone surrogates and the characters Windows forbids (``<>:"|?*``); a leading ``.`` or
+``_``; a trailing ``.`` or space; and Windows device names (``con``, ``lpt1``, …). Names starting
+with ``_`` are therefore ours alone: a class called ``_failed`` lives in ``%5Ffailed``, never in
+``_failed``. The encoding is reversible with :func:`urllib.parse.unquote` (except for names over
+200 bytes, which are shortened with a hash, lone surrogates and the fallback names below). Case is
+kept, so on a case-insensitive filesystem (macOS, Windows) ``Cat`` and ``cat`` share a folder.
+
+**Symlinks are never followed under DIR** (``DIR`` itself may be one: the user chose it). Each
+folder is opened relative to ``DIR`` with ``O_NOFOLLOW | O_DIRECTORY`` and every file is created
+relative to that open folder, so a symlink put in place at any moment cannot redirect a write
+outside ``DIR``. A folder name already taken by something that is not a real folder (a symlink,
+a file) is left alone and the folder moves to ``<folder>-<8 hex of sha1(folder name)>`` (16, then
+40 hex digits should that be taken too), stable across runs; this holds for ``_failed`` and
+``_uncertain`` too, and is logged once per folder. A fallback name may coincide with a class
+literally called so; the two then share a folder. When every fallback is taken as well, the image
+is not placed in that folder (logged). This needs POSIX ``dir_fd`` support.
 
 **File names** are stable: an image keeps its own name (``cat.jpg``) unless a *different* image
 already holds it, then it is ``cat-<8 hex of sha1(resolved source path)>.jpg`` (16, then 40 hex
-digits should that be taken too). Placing the same
-source again (a rerun, ``--resume``) finds its earlier placement and changes nothing: a
+digits should that be taken too); a name that was not valid UTF-8 keeps its bytes. Placing the
+same source again (a rerun, ``--resume``) finds its earlier placement and changes nothing: a
 destination counts as this source when it is the same inode, a symlink to it, or a file with the
 same bytes (so two identical images with the same name end up as one file). Nothing is ever
 overwritten, and nothing half-written ever appears under a final name: links are created
@@ -34,8 +50,9 @@ then linked into place.
 
 **Modes**: ``link`` makes a hard link (no extra space, instant) and falls back to a copy where
 links cannot be made (another filesystem, a filesystem without links, someone else's file under
-``protected_hardlinks``, too many links); ``copy`` copies bytes and timestamps, like
-:func:`shutil.copy2`; ``symlink`` makes an absolute symbolic link to the resolved source.
+``protected_hardlinks``, too many links); ``copy`` copies bytes, permission bits and timestamps,
+like :func:`shutil.copy2` (without extended attributes); ``symlink`` makes an absolute symbolic
+link to the resolved source.
 
 Only local files are placed: URL inputs have no file here and are skipped, as is a source that
 disappeared before its turn. :meth:`Organizer.place` is synchronous and thread-safe (every
@@ -46,6 +63,7 @@ that for the async runner.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import hashlib
 import logging
@@ -86,7 +104,11 @@ UNCERTAIN = "_uncertain"
 _NO_LINK = frozenset(
     {errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS}
 )
-_UNSAFE_CHARS = re.compile(r'[%/\\<>:"|?*\x00-\x1f\x7f]')
+_FOLDER_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+#: errnos of opening a name with ``_FOLDER_FLAGS`` that mean "a symlink or not a folder"
+#: (EMLINK is FreeBSD's answer to O_NOFOLLOW on a symlink)
+_NOT_A_FOLDER = frozenset({errno.ELOOP, errno.ENOTDIR, errno.EMLINK})
+_UNSAFE_CHARS = re.compile(r'[%/\\<>:"|?*\x00-\x1f\x7f\ud800-\udfff]')
 _WINDOWS_DEVICES = frozenset(
     {"CON", "PRN", "AUX", "NUL"} | {f"COM{n}" for n in range(10)} | {f"LPT{n}" for n in range(10)}
 )
@@ -103,12 +125,16 @@ class OrganizeOptions:
 
     ``root``: the dataset folder (created if missing). ``mode``: ``link`` (hard link, copy
     where impossible), ``copy`` or ``symlink``. ``min_confidence``: classes scored under it do
-    not count (``None``: every predicted class counts).
+    not count (``None``: every predicted class counts). ``max_classes_per_image``: class folders
+    one image goes into at most. ``max_class_folders``: distinct class folders one run uses at
+    most.
     """
 
     root: Path
     mode: OrganizeMode = "link"
     min_confidence: float | None = None
+    max_classes_per_image: int = 64
+    max_class_folders: int = 10_000
 
     def __post_init__(self) -> None:
         if self.mode not in ("link", "copy", "symlink"):
@@ -117,10 +143,13 @@ class OrganizeOptions:
         # Scores are 0..1 here, unlike the service's --confidence percentage: catch a mix-up.
         if threshold is not None and not 0 <= threshold <= 1:
             raise ConfigError(f"--min-confidence must be between 0 and 1, not {threshold}")
+        if self.max_classes_per_image < 1 or self.max_class_folders < 1:
+            raise ConfigError("--organize: the class folder caps must be at least 1")
 
 
 def _escape(char: str) -> str:
-    return "".join(f"%{byte:02X}" for byte in char.encode("utf-8"))
+    # surrogatepass: a lone surrogate (valid in JSON, not in UTF-8) is escaped, not a crash.
+    return "".join(f"%{byte:02X}" for byte in char.encode("utf-8", "surrogatepass"))
 
 
 def folder_name(class_name: str) -> str:
@@ -137,7 +166,8 @@ def folder_name(class_name: str) -> str:
         name = name[:-1] + _escape(name[-1])
     encoded = name.encode("utf-8")
     if len(encoded) > _MAX_FOLDER_BYTES:
-        digest = hashlib.sha1(class_name.encode("utf-8"), usedforsecurity=False).hexdigest()
+        key = class_name.encode("utf-8", "surrogatepass")
+        digest = hashlib.sha1(key, usedforsecurity=False).hexdigest()
         head = encoded[: _MAX_FOLDER_BYTES - 9].decode("utf-8", errors="ignore").rstrip(". ")
         name = f"{head}~{digest[:8]}"
     return name
@@ -169,15 +199,22 @@ class Organizer:
         self.root = root
         # Only for filesystems without hard links, where a copy cannot be published atomically.
         self._publish_lock = threading.Lock()
+        self._lock = threading.Lock()
+        #: class folders this run uses; never more than ``max_class_folders``
+        self._class_folders: set[str] = set()
+        #: what was logged once: ("cap", which) or ("folder", name); bounded like the folders
+        self._warned: set[tuple[str, str]] = set()
 
     def __repr__(self) -> str:
         return f"Organizer(root={str(self.root)!r}, mode={self.options.mode!r})"
 
     def folders(self, result: Result) -> list[str]:
-        """The folder names (under ``root``) ``result`` belongs in, in class order."""
+        """The folder names (under ``root``) ``result`` belongs in, in class order, at most
+        ``max_classes_per_image`` of them."""
         if not result.ok:
             return [FAILED]
         threshold = self.options.min_confidence
+        limit = self.options.max_classes_per_image
         if result.predicted_classes == (result.top,):
             scored = [(result.top, result.confidence)]
         else:
@@ -187,16 +224,27 @@ class Organizer:
                 else (name, result.predictions.get(name))
                 for name in result.predicted_classes
             ]
-        folders: list[str] = []
+        folders: dict[str, None] = {}  # an ordered set: membership is O(1)
         for name, confidence in scored:
             if not name:
                 continue
             if threshold is not None and (confidence is None or confidence < threshold):
                 continue
             folder = folder_name(name)
-            if folder not in folders:
-                folders.append(folder)
-        return folders or [UNCERTAIN]
+            if folder in folders:
+                continue
+            if len(folders) == limit:
+                self._warn_once(
+                    ("cap", "max_classes_per_image"),
+                    "organize: %s has more than %d classes; it is placed into the first %d only"
+                    " (logged once per run)",
+                    result.source,
+                    limit,
+                    limit,
+                )
+                break
+            folders[folder] = None
+        return list(folders) or [UNCERTAIN]
 
     def place(self, result: Result, path: Path | None) -> list[Path]:
         """Place the image at ``path`` into every folder ``result`` belongs in; return where it
@@ -215,33 +263,108 @@ class Organizer:
         if not stat.S_ISREG(source_stat.st_mode):
             logger.debug("organize: skipping %s: not a regular file", source)
             return []
+        resolved = source.resolve()
+        folders = [folder for folder in self.folders(result) if self._admit(folder)]
         placed: list[Path] = []
-        for folder in self.folders(result):
-            directory = self.root / folder
-            directory.mkdir(exist_ok=True)
-            try:
-                placed.append(self._place_in(directory, source, source_stat))
-            except _SourceGone as exc:
-                logger.debug("organize: skipping %s: %s", source, exc)
-                return []
+        root_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            for folder in folders or [UNCERTAIN]:
+                opened = self._open_folder(root_fd, folder)
+                if opened is None:
+                    continue
+                name, folder_fd = opened
+                try:
+                    placed.append(
+                        self._place_in(folder_fd, self.root / name, source, resolved, source_stat)
+                    )
+                except _SourceGone as exc:
+                    logger.debug("organize: skipping %s: %s", source, exc)
+                    return []
+                finally:
+                    os.close(folder_fd)
+        finally:
+            os.close(root_fd)
         return placed
 
-    def _place_in(self, directory: Path, source: Path, source_stat: os.stat_result) -> Path:
+    def _admit(self, folder: str) -> bool:
+        """Whether ``folder`` is within the run's cap on class folders (ours always are)."""
+        if folder in (FAILED, UNCERTAIN):
+            return True
+        with self._lock:
+            if folder in self._class_folders:
+                return True
+            if len(self._class_folders) < self.options.max_class_folders:
+                self._class_folders.add(folder)
+                return True
+        self._warn_once(
+            ("cap", "max_class_folders"),
+            "organize: this run reached %d class folders; further classes are not placed"
+            " (an image left without a class goes to %s; logged once per run)",
+            self.options.max_class_folders,
+            UNCERTAIN,
+        )
+        return False
+
+    def _open_folder(self, root_fd: int, folder: str) -> tuple[str, int] | None:
+        """Open ``folder`` under ``root_fd`` (creating it if missing) as a real folder, never
+        through a symlink; when the name is taken by anything else, its first free fallback
+        name. Returns the name used and its descriptor, or ``None`` when all are taken."""
+        for name in _folder_candidates(folder):
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(name, dir_fd=root_fd)
+            try:
+                # Opened, not checked: what is used is exactly what passed O_NOFOLLOW, even if
+                # the name is swapped for a symlink right after.
+                folder_fd = os.open(name, _FOLDER_FLAGS, dir_fd=root_fd)
+            except OSError as exc:
+                if exc.errno not in _NOT_A_FOLDER:
+                    raise
+                continue
+            if name != folder:
+                self._warn_once(
+                    ("folder", folder),
+                    "organize: %s is a symlink or not a folder; left alone, using %s instead",
+                    self.root / folder,
+                    name,
+                )
+            return name, folder_fd
+        self._warn_once(
+            ("folder", folder),
+            "organize: %s and all its fallback names are symlinks or not folders;"
+            " images are not placed there",
+            self.root / folder,
+        )
+        return None
+
+    def _warn_once(self, key: tuple[str, str], message: str, *args: object) -> None:
+        with self._lock:
+            if key in self._warned:
+                return
+            self._warned.add(key)
+        logger.warning(message, *args)
+
+    def _place_in(
+        self,
+        folder_fd: int,
+        directory: Path,
+        source: Path,
+        resolved: Path,
+        source_stat: os.stat_result,
+    ) -> Path:
         mode = self.options.mode
-        resolved = source.resolve()
-        temp: Path | None = None
+        temp: str | None = None
         try:
-            for candidate in _candidates(directory, source.name, str(resolved)):
+            for candidate in _candidates(source.name, str(resolved)):
                 # Create first, look second: a name that exists is never re-examined for being
                 # free, so two calls racing for it cannot both miss each other.
-                if not os.path.lexists(candidate):
+                if not _lexists(candidate, folder_fd):
                     try:
                         if mode == "symlink":
-                            os.symlink(resolved, candidate)
-                        elif not (mode == "link" and self._hard_link(source, candidate)):
+                            os.symlink(resolved, candidate, dir_fd=folder_fd)
+                        elif not (mode == "link" and _hard_link(source, candidate, folder_fd)):
                             # One copy, reused if this name is lost to another image.
-                            temp = temp or _copy_to_temp(source, directory)
-                            self._publish(temp, candidate)
+                            temp = temp or _copy_to_temp(source, folder_fd)
+                            self._publish(temp, candidate, folder_fd)
                     except FileExistsError:
                         pass  # claimed since the check: by this very source, or another
                     except FileNotFoundError as exc:
@@ -249,47 +372,63 @@ class Organizer:
                             raise _SourceGone("deleted before it could be placed") from exc
                         raise
                     else:
-                        return candidate
-                if _holds(candidate, resolved, source_stat):
-                    return candidate  # placed by an earlier run, or by a concurrent call
+                        return directory / candidate
+                if _holds(candidate, folder_fd, resolved, source_stat):
+                    return directory / candidate  # placed by an earlier run, or concurrently
         finally:
             if temp is not None:
-                temp.unlink(missing_ok=True)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(temp, dir_fd=folder_fd)
         # Every name, down to the full 40-hex one, belongs to another file: not ours to touch.
         raise FileExistsError(errno.EEXIST, "every candidate name is taken", str(directory))
 
-    @staticmethod
-    def _hard_link(source: Path, destination: Path) -> bool:
-        """Hard-link ``source`` to ``destination``; ``False`` when links are impossible here
-        (cross-device, unsupported, not permitted, too many links), so the caller copies."""
-        try:
-            os.link(source, destination)
-        except OSError as exc:
-            if exc.errno in _NO_LINK:
-                return False
-            raise
-        return True
-
-    def _publish(self, temp: Path, destination: Path) -> None:
-        """Give the finished ``temp`` its final name without ever replacing an existing file:
+    def _publish(self, temp: str, name: str, folder_fd: int) -> None:
+        """Give the finished ``temp`` its final ``name`` without ever replacing an existing file:
         ``os.link`` fails if the name is taken, where ``os.replace`` would silently overwrite."""
         try:
-            os.link(temp, destination)
+            os.link(temp, name, src_dir_fd=folder_fd, dst_dir_fd=folder_fd, follow_symlinks=False)
         except OSError as exc:
             if exc.errno not in _NO_LINK:
                 raise
             # No links on this filesystem: check and rename under a lock (safe within a process).
             with self._publish_lock:
-                if os.path.lexists(destination):
-                    raise FileExistsError(errno.EEXIST, "exists", str(destination)) from exc
-                os.replace(temp, destination)
+                if _lexists(name, folder_fd):
+                    raise FileExistsError(errno.EEXIST, "exists", name) from exc
+                os.replace(temp, name, src_dir_fd=folder_fd, dst_dir_fd=folder_fd)
 
 
 class _SourceGone(Exception):
     """The source vanished mid-placement: skip the image, it is not the run's problem."""
 
 
-def _candidates(directory: Path, name: str, key: str) -> list[Path]:
+def _hard_link(source: Path, name: str, folder_fd: int) -> bool:
+    """Hard-link ``source`` to ``name`` in ``folder_fd``; ``False`` when links are impossible
+    here (cross-device, unsupported, not permitted, too many links), so the caller copies."""
+    try:
+        os.link(source, name, dst_dir_fd=folder_fd)
+    except OSError as exc:
+        if exc.errno in _NO_LINK:
+            return False
+        raise
+    return True
+
+
+def _lexists(name: str, folder_fd: int) -> bool:
+    try:
+        os.lstat(name, dir_fd=folder_fd)
+    except OSError:
+        return False
+    return True
+
+
+def _folder_candidates(folder: str) -> list[str]:
+    """The names a folder may take, best first: its own, then with a longer and longer hash of
+    it (stable across runs). ``folder_name`` keeps names to 200 bytes, so these fit NAME_MAX."""
+    digest = hashlib.sha1(folder.encode("utf-8"), usedforsecurity=False).hexdigest()
+    return [folder] + [f"{folder}-{digest[:length]}" for length in (8, 16, 40)]
+
+
+def _candidates(name: str, key: str) -> list[str]:
     """The names an image may take, best first: its own, then with a longer and longer hash of
     its resolved path (stable across runs, unlike ``-1``, ``-2``, … by arrival order)."""
     digest = hashlib.sha1(key.encode("utf-8", "surrogateescape"), usedforsecurity=False)
@@ -298,31 +437,44 @@ def _candidates(directory: Path, name: str, key: str) -> list[Path]:
     names = [name]
     for length in (8, 16, 40):
         tail = f"-{hexdigest[:length]}{suffix}"
-        room = _MAX_NAME_BYTES - len(os.fsencode(tail))
-        short = os.fsencode(stem)[:room].decode("utf-8", errors="ignore") if room > 0 else ""
-        names.append(f"{short}{tail}")
-    return [directory / candidate for candidate in names]
+        names.append(_fit(stem, _MAX_NAME_BYTES - len(os.fsencode(tail))) + tail)
+    return names
 
 
-def _holds(destination: Path, resolved: Path, source_stat: os.stat_result) -> bool:
-    """Whether ``destination`` already is this source: a symlink to it, the same inode, or
-    a file with the same bytes (a copy from an earlier run)."""
+def _fit(text: str, room: int) -> str:
+    """The longest prefix of ``text`` within ``room`` bytes as a file name, cut between
+    characters; an undecodable byte (a lone surrogate from ``os.fsdecode``) is kept as is."""
+    size = 0
+    for index, char in enumerate(text):
+        size += len(os.fsencode(char))
+        if size > room:
+            return text[:index]
+    return text
+
+
+def _holds(name: str, folder_fd: int, resolved: Path, source_stat: os.stat_result) -> bool:
+    """Whether ``name`` in ``folder_fd`` already is this source: a symlink to it, the same
+    inode, or a file with the same bytes (a copy from an earlier run)."""
     try:
-        found = os.lstat(destination)
+        found = os.lstat(name, dir_fd=folder_fd)
         if stat.S_ISLNK(found.st_mode):
-            return os.readlink(destination) == str(resolved)
+            return os.readlink(name, dir_fd=folder_fd) == str(resolved)
         if not stat.S_ISREG(found.st_mode):
             return False
         if (found.st_dev, found.st_ino) == (source_stat.st_dev, source_stat.st_ino):
             return True
-        return found.st_size == source_stat.st_size and _same_bytes(destination, resolved)
-    except FileNotFoundError:
-        return False
+        return found.st_size == source_stat.st_size and _same_bytes(name, folder_fd, resolved)
+    except OSError as exc:
+        # Gone, or swapped for a symlink since the lstat: either way not this source.
+        if exc.errno in (errno.ENOENT, errno.ELOOP):
+            return False
+        raise
 
 
-def _same_bytes(first: Path, second: Path) -> bool:
+def _same_bytes(name: str, folder_fd: int, other: Path) -> bool:
     # No size+mtime shortcut: images unpacked from one archive often share both.
-    with first.open("rb") as a, second.open("rb") as b:
+    first = os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=folder_fd)
+    with open(first, "rb") as a, other.open("rb") as b:
         while True:
             chunk = a.read(_CHUNK)
             if chunk != b.read(_CHUNK):
@@ -331,27 +483,32 @@ def _same_bytes(first: Path, second: Path) -> bool:
                 return True
 
 
-def _copy_to_temp(source: Path, directory: Path) -> Path:
-    """Copy ``source`` (bytes and timestamps, like :func:`shutil.copy2`) to a fresh hidden temp
-    name in ``directory``, so the final name only ever appears complete."""
+def _copy_to_temp(source: Path, folder_fd: int) -> str:
+    """Copy ``source`` (bytes, permission bits and timestamps, like :func:`shutil.copy2`) to a
+    fresh hidden temp name in ``folder_fd``, so the final name only ever appears complete."""
     try:
         reader = source.open("rb")
     except FileNotFoundError as exc:
         raise _SourceGone("deleted before it could be copied") from exc
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
     with reader:
         while True:
-            temp = directory / f".batchclassify-{secrets.token_hex(8)}.tmp"
+            temp = f".batchclassify-{secrets.token_hex(8)}.tmp"
             try:
-                writer = temp.open("xb")
+                fd = os.open(temp, flags, 0o600, dir_fd=folder_fd)
             except FileExistsError:  # pragma: no cover - 64 random bits
                 continue
             break
         try:
-            with writer:
+            with open(fd, "wb") as writer:
                 shutil.copyfileobj(reader, writer, _CHUNK)
-            shutil.copystat(source, temp)
+                writer.flush()
+                info = os.fstat(reader.fileno())
+                os.chmod(writer.fileno(), stat.S_IMODE(info.st_mode))
+                # Last: writing and chmod would move the timestamps again.
+                os.utime(writer.fileno(), ns=(info.st_atime_ns, info.st_mtime_ns))
         except BaseException:
-            temp.unlink(missing_ok=True)
+            os.unlink(temp, dir_fd=folder_fd)
             raise
     return temp
 

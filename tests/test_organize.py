@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import logging
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 from urllib.parse import unquote
 
 import pytest
@@ -34,7 +36,7 @@ MODES: tuple[OrganizeMode, ...] = ("link", "copy", "symlink")
 
 def image(path: Path, data: bytes | None = None) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data if data is not None else f"image {path}".encode())
+    path.write_bytes(data if data is not None else os.fsencode(f"image {path}"))
     return path
 
 
@@ -65,8 +67,10 @@ def failed(source: Path | str) -> Result:
     return Result(source=str(source), status="error", error=ErrorInfo("http", "boom", 400))
 
 
-def organizer(root: Path, mode: OrganizeMode = "link", **kwargs: float) -> Organizer:
-    return Organizer(OrganizeOptions(root=root, mode=mode, **kwargs))
+def organizer(
+    root: Path, mode: OrganizeMode = "link", min_confidence: float | None = None
+) -> Organizer:
+    return Organizer(OrganizeOptions(root=root, mode=mode, min_confidence=min_confidence))
 
 
 def files_under(root: Path) -> list[Path]:
@@ -74,7 +78,12 @@ def files_under(root: Path) -> list[Path]:
 
 
 def short_hash(path: Path) -> str:
-    return hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:8]
+    return hashlib.sha1(os.fsencode(path.resolve())).hexdigest()[:8]
+
+
+def fallback(folder: str, length: int = 8) -> str:
+    """The stable name of ``folder`` when its own name is taken."""
+    return f"{folder}-{hashlib.sha1(folder.encode()).hexdigest()[:length]}"
 
 
 # --- where results go ---------------------------------------------------------------------------
@@ -171,10 +180,10 @@ def test_link_mode_copies_when_links_are_refused(
 ) -> None:
     real_link = os.link
 
-    def no_links_from_sources(source: str | Path, destination: str | Path) -> None:
+    def no_links_from_sources(source: str | Path, destination: str | Path, **kw: Any) -> None:
         if Path(source).parent.name == "in":
             raise OSError(errno.EMLINK, "Too many links")
-        real_link(source, destination)
+        real_link(source, destination, **kw)
 
     monkeypatch.setattr(os, "link", no_links_from_sources)
     src = image(tmp_path / "in" / "a.jpg")
@@ -186,7 +195,7 @@ def test_link_mode_copies_when_links_are_refused(
 def test_copies_without_any_hard_links_never_overwrite(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def no_links(source: str | Path, destination: str | Path) -> None:
+    def no_links(source: str | Path, destination: str | Path, **kw: Any) -> None:
         raise OSError(errno.EPERM, "Operation not permitted")
 
     monkeypatch.setattr(os, "link", no_links)
@@ -351,6 +360,214 @@ def test_root_is_created_and_a_file_is_refused(tmp_path: Path) -> None:
     image(tmp_path / "file")
     with pytest.raises(ConfigError, match="not a folder"):
         organizer(tmp_path / "file")
+
+
+# --- symlinks and names taken in DIR ------------------------------------------------------------
+
+
+SPECIAL_CASES = [
+    ("cat", lambda src: ok(src, "cat")),
+    (FAILED, failed),
+    (UNCERTAIN, lambda src: ok(src, "")),
+]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(("folder", "result_of"), SPECIAL_CASES)
+def test_a_symlinked_folder_is_never_written_through(
+    tmp_path: Path, mode: OrganizeMode, folder: str, result_of: Any
+) -> None:
+    src = image(tmp_path / "in" / "a.jpg")
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    root = tmp_path / "out"
+    root.mkdir()
+    (root / folder).symlink_to(outside)
+    placed = organizer(root, mode).place(result_of(src), src)
+    assert placed == [root / fallback(folder) / "a.jpg"]
+    assert placed[0].read_bytes() == src.read_bytes()
+    assert list(outside.iterdir()) == []
+    assert os.readlink(root / folder) == str(outside)  # left alone
+    assert organizer(root, mode).place(result_of(src), src) == placed  # stable on a rerun
+
+
+def test_a_dangling_symlinked_folder_is_not_created_through(tmp_path: Path) -> None:
+    src = image(tmp_path / "in" / "a.jpg")
+    root = tmp_path / "out"
+    root.mkdir()
+    (root / "cat").symlink_to(tmp_path / "not-yet")
+    assert organizer(root).place(ok(src, "cat"), src) == [root / fallback("cat") / "a.jpg"]
+    assert not (tmp_path / "not-yet").exists()
+
+
+def test_a_folder_swapped_for_a_symlink_after_mkdir_is_not_followed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The race a check-then-write misses: the folder is created, then replaced by a symlink.
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    real_mkdir = os.mkdir
+
+    def mkdir_then_swap(path: Any, mode: int = 0o777, *, dir_fd: int | None = None) -> None:
+        real_mkdir(path, mode, dir_fd=dir_fd)
+        if os.fsdecode(path).endswith("/cat") or path == "cat":
+            os.rmdir(path, dir_fd=dir_fd)
+            os.symlink(outside, path, dir_fd=dir_fd)
+
+    src = image(tmp_path / "in" / "a.jpg")
+    root = tmp_path / "out"
+    org = organizer(root)
+    monkeypatch.setattr(os, "mkdir", mkdir_then_swap)
+    assert org.place(ok(src, "cat"), src) == [root / fallback("cat") / "a.jpg"]
+    assert list(outside.iterdir()) == []
+
+
+async def test_symlinked_and_file_folders_do_not_stop_the_run(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    sources = [image(tmp_path / "in" / f"{n}.jpg") for n in range(6)]
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    root = tmp_path / "out"
+    root.mkdir()
+    (root / "cat").symlink_to(outside)
+    (root / "dog").write_bytes(b"a file, not a folder")
+    sink = OrganizeSink(organizer(root))
+    with caplog.at_level(logging.WARNING, "batchclassify.organize"):
+        for n, src in enumerate(sources):
+            await sink.write(ok(src, ("cat", "dog", "bird")[n % 3]))
+        await sink.aclose()
+    assert sink.placed == 6
+    assert list(outside.iterdir()) == []
+    assert (root / "dog").read_bytes() == b"a file, not a folder"
+    assert {path.name for path in root.iterdir()} == {
+        "cat",
+        "dog",
+        "bird",
+        fallback("cat"),
+        fallback("dog"),
+    }
+    assert len(files_under(root / fallback("cat"))) == 2
+    assert len(files_under(root / fallback("dog"))) == 2
+    warnings = [record.getMessage() for record in caplog.records]
+    assert len(warnings) == 2  # once per folder, not once per image
+    assert any(fallback("cat") in message for message in warnings)
+
+
+def test_a_class_named_like_an_existing_file_gets_a_stable_suffixed_folder(
+    tmp_path: Path,
+) -> None:
+    src = image(tmp_path / "in" / "a.jpg")
+    root = tmp_path / "out"
+    image(root / "cat", b"someone's file")
+    placed = organizer(root).place(multi(src, {"cat": 0.9, "dog": 0.8}, ("cat", "dog")), src)
+    assert placed == [root / fallback("cat") / "a.jpg", root / "dog" / "a.jpg"]
+    assert (root / "cat").read_bytes() == b"someone's file"
+    assert organizer(root).place(ok(src, "cat"), src) == placed[:1]  # a rerun lands there too
+
+
+def test_every_fallback_folder_taken_skips_that_folder_only(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    src = image(tmp_path / "in" / "a.jpg")
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    root = tmp_path / "out"
+    root.mkdir()
+    for name in ("cat", *(fallback("cat", length) for length in (8, 16, 40))):
+        (root / name).symlink_to(outside)
+    org = organizer(root)
+    with caplog.at_level(logging.WARNING, "batchclassify.organize"):
+        assert org.place(ok(src, "cat"), src) == []
+        both = multi(src, {"cat": 0.9, "dog": 0.8}, ("cat", "dog"))
+        assert org.place(both, src) == [root / "dog" / "a.jpg"]
+    assert list(outside.iterdir()) == []
+    assert len(caplog.records) == 1
+    assert "not placed" in caplog.records[0].getMessage()
+
+
+# --- caps on what one answer can create ---------------------------------------------------------
+
+
+def many_classes(source: Path, count: int, prefix: str = "class") -> Result:
+    names = tuple(f"{prefix}{n}" for n in range(count))
+    return multi(source, dict.fromkeys(names, 0.9), names)
+
+
+def test_one_image_goes_into_at_most_64_class_folders(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    src = image(tmp_path / "in" / "a.jpg")
+    root = tmp_path / "out"
+    org = organizer(root)
+    result = many_classes(src, 5_000)
+    with caplog.at_level(logging.WARNING, "batchclassify.organize"):
+        assert org.folders(result) == [f"class{n}" for n in range(64)]
+        placed = org.place(result, src)
+        org.place(many_classes(src, 5_000, "other"), src)
+    assert len(placed) == 64
+    assert len(list(root.iterdir())) == 128
+    assert len(caplog.records) == 1  # logged once per run
+
+
+def test_a_run_uses_at_most_max_class_folders(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    src = image(tmp_path / "in" / "a.jpg")
+    root = tmp_path / "out"
+    org = Organizer(OrganizeOptions(root=root, max_class_folders=100))
+    with caplog.at_level(logging.WARNING, "batchclassify.organize"):
+        placed = [org.place(ok(src, f"class{n}"), src) for n in range(5_000)]
+    assert placed[99] == [root / "class99" / "a.jpg"]
+    assert placed[100:] == [[root / UNCERTAIN / "a.jpg"]] * 4_900
+    assert len(list(root.iterdir())) == 101  # 100 class folders and _uncertain
+    assert len(caplog.records) == 1
+    # Folders of the run stay usable; failures are not classes and are never capped.
+    assert org.place(ok(src, "class7"), src) == [root / "class7" / "a.jpg"]
+    mixed = multi(src, {"class3": 0.9, "new": 0.8}, ("class3", "new"))
+    assert org.place(mixed, src) == [root / "class3" / "a.jpg"]
+    assert org.place(failed(src), src) == [root / FAILED / "a.jpg"]
+
+
+def test_class_folder_caps_must_be_positive(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="caps"):
+        OrganizeOptions(root=tmp_path, max_classes_per_image=0)
+    with pytest.raises(ConfigError, match="caps"):
+        OrganizeOptions(root=tmp_path, max_class_folders=0)
+
+
+# --- names that are not valid UTF-8 -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_source_name_that_is_not_utf8_keeps_its_bytes(tmp_path: Path, mode: OrganizeMode) -> None:
+    name = os.fsdecode(b"caf\xe9.jpg")
+    long_name = os.fsdecode(b"\xe9" * 250 + b".jpg")
+    try:
+        sources = [image(tmp_path / folder / stem) for stem in (name, long_name) for folder in "ab"]
+    except OSError:
+        pytest.skip("this filesystem refuses names that are not UTF-8")
+    root = tmp_path / "out"
+    org = organizer(root, mode)
+    placed = [org.place(ok(src, "cat"), src) for src in sources]
+    assert placed[0] == [root / "cat" / name]
+    assert placed[1] == [root / "cat" / f"caf\udce9-{short_hash(sources[1])}.jpg"]
+    assert placed[2] == [root / "cat" / long_name]
+    [hashed] = placed[3]
+    assert len(os.fsencode(hashed.name)) == 255
+    assert hashed.name.startswith("\udce9" * 200)  # cut short, undecodable bytes kept
+    for src, (dest,) in zip(sources, placed, strict=True):
+        assert dest.read_bytes() == src.read_bytes()
+    assert [org.place(ok(src, "cat"), src) for src in sources] == placed
+
+
+def test_a_class_name_with_a_lone_surrogate_gets_a_folder(tmp_path: Path) -> None:
+    # JSON may carry "\ud800", which Python decodes but UTF-8 cannot encode.
+    assert folder_name("a\ud800") == "a%ED%A0%80"
+    assert len(folder_name("\ud800" * 300).encode()) <= 200
+    src = image(tmp_path / "in" / "a.jpg")
+    [dest] = organizer(tmp_path / "out").place(ok(src, "a\ud800"), src)
+    assert dest == tmp_path / "out" / "a%ED%A0%80" / "a.jpg"
 
 
 # --- concurrency --------------------------------------------------------------------------------
