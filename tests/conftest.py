@@ -4,6 +4,7 @@
 * ``emulator_url`` -> base URL of a default, well-behaved emulator
 * ``serve_bytes({"/a.jpg": data, "/gone": 404})`` -> base URL of a tiny static file server
 * ``sample_images`` -> a few small, distinct image files under ``tmp_path / "images"``
+* ``hostile_server`` -> a deliberately broken server (``tests/hostile.py``): ``.url(mode, every)``
 
 Plain helpers (``make_image``, ``image_bytes``, ``b64``, ``emulator_stats``,
 ``reset_emulator``) live in ``tests/helpers.py``.
@@ -19,6 +20,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 from helpers import make_image
+from hostile import HostileServer, running_hostile_server
 
 from batchclassify.emulator import EmulatorConfig, running_emulator
 
@@ -96,3 +98,14 @@ def sample_images(tmp_path: Path) -> list[Path]:
         make_image(root / "a" / "same.jpg", seed=1),
         make_image(root / "b" / "same.jpg", seed=2),
     ]
+
+
+@pytest.fixture
+async def hostile_server() -> AsyncIterator[HostileServer]:
+    """A hostile classification server plus its redirect catcher (see ``tests/hostile.py``).
+
+    ``endpoint = hostile_server.url("gzip-bomb", every=2)``; stats and settings are attributes.
+    Teardown is prompt even with hung or endless responses.
+    """
+    async with running_hostile_server() as server:
+        yield server
