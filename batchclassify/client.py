@@ -9,6 +9,7 @@ import asyncio
 import json
 import logging
 import re
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -19,13 +20,18 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_aft
 
 from batchclassify.errors import (
     ConfigError,
+    FatalApiError,
     ItemRejectedError,
+    MalformedResponseError,
+    OversizedResponseError,
     RequestError,
     RequestTimeout,
-    TransientApiError,
     TransportError,
     redact,
+    url_secrets,
+    without_userinfo,
 )
+from batchclassify.response import Answer, parse_answer, snippet
 from batchclassify.retry import (
     RetryPolicy,
     error_for_status,
@@ -44,6 +50,12 @@ USER_AGENT = "batchclassify"
 _MODEL = re.compile(r"^(?:[^/\s]+/)?([^/\s]+)/(\d+)$")
 #: how much of an error body we keep for the message
 _MESSAGE_LIMIT = 300
+#: how much of an error body we read to find that message
+_ERROR_BODY_LIMIT = 64 * 1024
+#: default bound on an answer's size: a classify answer is a few KB even with thousands of classes
+DEFAULT_MAX_RESPONSE_BYTES = 8 * 1024 * 1024
+#: redirects followed when downloading an image (never on classify requests)
+_MAX_DOWNLOAD_REDIRECTS = 5
 
 
 def parse_model(text: str) -> tuple[str, int]:
@@ -71,6 +83,8 @@ class ClientOptions:
     concurrency: int = 8
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     extra_params: Mapping[str, str] = field(default_factory=dict)
+    #: answers larger than this (after decompression) fail their item unread
+    max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES
 
     @property
     def url(self) -> str:
@@ -79,9 +93,9 @@ class ClientOptions:
 
 @dataclass(frozen=True, slots=True)
 class Response:
-    """A successful classify answer and how many attempts it took."""
+    """A successful, checked classify answer and how many attempts it took."""
 
-    body: dict[str, Any]
+    answer: Answer
     attempts: int
 
 
@@ -102,6 +116,7 @@ class ClassifyClient:
         if options.confidence is not None:
             params["confidence"] = str(options.confidence)
         self._params = params
+        self._secrets = (options.api_key, *url_secrets(options.endpoint))
         #: requests actually sent (attempts), for the summary
         self.requests_sent = 0
 
@@ -112,8 +127,13 @@ class ClassifyClient:
         timeout = aiohttp.ClientTimeout(
             total=self.options.timeout, connect=self.options.connect_timeout
         )
+        # Bodies are decompressed here, not by aiohttp, so that their decompressed size is
+        # bounded too (a 1 MB gzip bomb is 1 GB once inflated).
         self._session = aiohttp.ClientSession(
-            connector=connector, timeout=timeout, headers={"User-Agent": USER_AGENT}
+            connector=connector,
+            timeout=timeout,
+            headers={"User-Agent": USER_AGENT, "Accept-Encoding": "gzip, deflate"},
+            auto_decompress=False,
         )
         return self
 
@@ -151,12 +171,13 @@ class ClassifyClient:
             "attempt %d/%d failed (%s); retrying in %.2f s",
             state.attempt_number,
             self.options.retry.attempts,
-            self._redact(str(error)),
+            self.redact(str(error)),
             wait,
         )
 
-    def _redact(self, text: str) -> str:
-        return redact(text, self.options.api_key)
+    def redact(self, text: str) -> str:
+        """``text`` without the API key or the endpoint's credentials."""
+        return redact(text, *self._secrets)
 
     async def classify(
         self, *, data: bytes | None = None, image_url: str | None = None
@@ -172,18 +193,18 @@ class ClassifyClient:
             async for attempt in retrying:
                 with attempt:
                     attempt_number = attempt.retry_state.attempt_number
-                    body = await self._attempt(data, image_url)
-                    return Response(body=body, attempts=attempt_number)
+                    answer = await self._attempt(data, image_url)
+                    return Response(answer=answer, attempts=attempt_number)
         except RequestError as exc:
             exc.attempts = attempt_number
             raise
         raise AssertionError("unreachable: tenacity either returns or raises")  # pragma: no cover
 
-    async def _attempt(self, data: bytes | None, image_url: str | None) -> dict[str, Any]:
+    async def _attempt(self, data: bytes | None, image_url: str | None) -> Answer:
         throttle = self._throttle
         ticket = await throttle.acquire() if throttle else 0.0
         try:
-            body = await self._send(data, image_url)
+            answer = await self._send(data, image_url)
         except RequestError as exc:
             if throttle is not None:
                 if is_transient(exc):
@@ -197,22 +218,32 @@ class ClassifyClient:
             raise
         if throttle is not None:
             throttle.success(ticket)
-        return body
+        return answer
 
-    async def _send(self, data: bytes | None, image_url: str | None) -> dict[str, Any]:
+    async def _send(self, data: bytes | None, image_url: str | None) -> Answer:
         session = self._session
         if session is None:
             raise RuntimeError("ClassifyClient used outside 'async with'")
         params = self._params if image_url is None else {**self._params, "image": image_url}
         headers = {"Content-Type": "application/x-www-form-urlencoded"}
         self.requests_sent += 1
+        limit = self.options.max_response_bytes
         try:
+            # No redirects: following one would send the image and the key to another host.
             async with session.post(
-                self.options.url, params=params, data=data or b"", headers=headers
+                self.options.url,
+                params=params,
+                data=data or b"",
+                headers=headers,
+                allow_redirects=False,
             ) as response:
-                text = await response.text(errors="replace")
                 status = response.status
-                retry_after = parse_retry_after(response.headers.get("Retry-After"))
+                if status == 200:
+                    body = await read_body(response, limit)
+                else:
+                    body = await read_body(response, _ERROR_BODY_LIMIT, truncate=True)
+                    location = response.headers.get("Location")
+                    retry_after = parse_retry_after(response.headers.get("Retry-After"))
         except asyncio.TimeoutError:
             raise RequestTimeout(
                 f"no answer within {self.options.timeout:g} s (--timeout)"
@@ -220,19 +251,14 @@ class ClassifyClient:
         except aiohttp.ClientError as exc:
             # `from None`: the original exception's text carries the URL and so the key.
             raise TransportError(self._describe(exc)) from None
-        if status != 200:
-            message = self._redact(_error_message(status, text))
-            raise error_for_status(status, message, retry_after=retry_after)
-        try:
-            body = json.loads(text)
-        except ValueError:
-            raise TransientApiError(
-                f"the server sent a malformed (non-JSON or truncated) body: {_snippet(text)!r}",
-                http_status=status,
-            ) from None
-        if not isinstance(body, dict) or "predictions" not in body:
-            raise TransientApiError("the server's answer has no predictions", http_status=status)
-        return body
+        if status == 200:
+            return parse_answer(body)
+        if 300 <= status < 400:
+            where = without_userinfo(location) if location else "nowhere (no Location header)"
+            message = self.redact(f"HTTP {status} redirect to {where}")
+            raise FatalApiError(message, http_status=status)
+        message = self.redact(_error_message(status, body))
+        raise error_for_status(status, message, retry_after=retry_after)
 
     async def fetch(self, url: str, *, max_bytes: int) -> bytes:
         """Download an image for sending inline (``--fetch-urls``), with the same retry rules."""
@@ -247,64 +273,104 @@ class ClassifyClient:
         if session is None:
             raise RuntimeError("ClassifyClient used outside 'async with'")
         try:
-            async with session.get(url) as response:
+            async with session.get(url, max_redirects=_MAX_DOWNLOAD_REDIRECTS) as response:
                 if response.status != 200:
-                    text = await response.text(errors="replace")
+                    text = await read_body(response, _ERROR_BODY_LIMIT, truncate=True)
                     message = _error_message(response.status, text)
                     # The image's host, not the classify service: its 404 is this item's problem.
                     error = error_for_status(
                         response.status,
-                        self._redact(f"downloading the image failed: {message}"),
+                        self.redact(f"downloading the image failed: {message}"),
                         retry_after=parse_retry_after(response.headers.get("Retry-After")),
                     )
                     if not is_transient(error):
                         error = ItemRejectedError(str(error), http_status=response.status)
                     raise error
-                chunks: list[bytes] = []
-                size = 0
-                async for chunk in response.content.iter_chunked(1 << 16):
-                    size += len(chunk)
-                    if size > max_bytes:
-                        raise ItemRejectedError(
-                            f"the image at the URL is larger than {max_bytes} bytes",
-                            http_status=None,
-                        )
-                    chunks.append(chunk)
-                return b"".join(chunks)
+                try:
+                    return await read_body(response, max_bytes)
+                except OversizedResponseError:
+                    raise ItemRejectedError(
+                        f"the image at the URL is larger than {max_bytes} bytes", http_status=None
+                    ) from None
         except asyncio.TimeoutError:
             raise RequestTimeout(
                 f"download took longer than {self.options.timeout:g} s (--timeout)"
             ) from None
+        except aiohttp.TooManyRedirects:
+            raise ItemRejectedError(
+                f"downloading the image: more than {_MAX_DOWNLOAD_REDIRECTS} redirects",
+                http_status=None,
+            ) from None
         except aiohttp.InvalidURL:
-            raise ItemRejectedError(f"invalid URL: {self._redact(url)}", http_status=None) from None
+            raise ItemRejectedError(f"invalid URL: {self.redact(url)}", http_status=None) from None
         except aiohttp.ClientError as exc:
             raise TransportError(self._describe(exc)) from None
 
     def _describe(self, exc: aiohttp.ClientError) -> str:
         name = type(exc).__name__
         text = str(exc) or name
-        return self._redact(f"{name}: {text}" if text != name else name)
+        return self.redact(f"{name}: {text}" if text != name else name)
 
 
-def _error_message(status: int, text: str) -> str:
+async def read_body(
+    response: aiohttp.ClientResponse, limit: int, *, truncate: bool = False
+) -> bytes:
+    """Read at most ``limit`` bytes of body, decompressed size included. Over the limit:
+    :class:`OversizedResponseError`, or with ``truncate`` the first ``limit`` bytes. Memory
+    stays bounded whatever the server sends (huge, endless or compressed bodies)."""
+    encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
+    inflater = _inflater(encoding)
+    declared = response.content_length
+    if inflater is None and declared is not None and declared > limit and not truncate:
+        raise _oversized(limit)  # refused unread: closing the connection drops the rest
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in response.content.iter_chunked(1 << 16):
+        if inflater is not None:
+            # max_length bounds the output of this one chunk; what it holds back stays in
+            # unconsumed_tail, which only matters once the limit is already reached.
+            chunk = inflater.decompress(chunk, limit - size + 1)
+        size += len(chunk)
+        chunks.append(chunk)
+        if size > limit or (inflater is not None and inflater.unconsumed_tail):
+            if truncate:
+                break
+            raise _oversized(limit)
+    return b"".join(chunks)[:limit]
+
+
+def _inflater(encoding: str) -> Any:
+    if encoding in ("", "identity"):
+        return None
+    if encoding in ("gzip", "x-gzip"):
+        return zlib.decompressobj(16 + zlib.MAX_WBITS)
+    if encoding == "deflate":
+        return zlib.decompressobj()
+    raise MalformedResponseError(
+        f"the server sent a body in an encoding that was not asked for: {encoding[:40]!r}",
+        http_status=None,
+    )
+
+
+def _oversized(limit: int) -> OversizedResponseError:
+    return OversizedResponseError(
+        f"the server's answer is larger than {limit} bytes (--max-response-bytes); a classify "
+        "answer is a few KB",
+        http_status=200,
+    )
+
+
+def _error_message(status: int, body: bytes) -> str:
     """The server's own words for an error, from a JSON ``message``/``detail`` or plain text."""
     try:
-        body = json.loads(text)
-    except ValueError:
-        body = None
-    if isinstance(body, dict):
+        parsed = json.loads(body.decode("utf-8"))
+    except (ValueError, RecursionError):
+        parsed = None
+    if isinstance(parsed, dict):
         for key in ("message", "detail", "error"):
-            if key in body:
-                value = body[key]
-                return f"HTTP {status}: {value if isinstance(value, str) else json.dumps(value)}"[
-                    :_MESSAGE_LIMIT
-                ]
-    snippet = _snippet(text)
-    return f"HTTP {status}: {snippet}" if snippet else f"HTTP {status}"
-
-
-def _snippet(text: str) -> str:
-    """A short, single-line excerpt of a body that may be HTML or binary noise."""
-    text = re.sub(r"<[^>]+>", " ", text)
-    text = " ".join(text.split())
-    return text[:_MESSAGE_LIMIT]
+            if key in parsed:
+                value = parsed[key]
+                text = value if isinstance(value, str) else json.dumps(value)[:_MESSAGE_LIMIT]
+                return f"HTTP {status}: {snippet(text, _MESSAGE_LIMIT)}"
+    excerpt = snippet(body, _MESSAGE_LIMIT)
+    return f"HTTP {status}: {excerpt}" if excerpt else f"HTTP {status}"

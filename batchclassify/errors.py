@@ -8,8 +8,10 @@
     │   │   └── RequestTimeout the server did not answer in time (transient)
     │   └── ApiError           the service answered with an error status or an unusable body
     │       ├── TransientApiError   429, 5xx, truncated or non-JSON 200 body: retried
+    │       │   └── MalformedResponseError  a 200 that is not a documented answer: retried
     │       ├── ItemRejectedError   400, 413: this item fails, the run goes on
-    │       └── FatalApiError       401, 402, 403, 404, 422, 423: the whole run stops (exit 2)
+    │       │   └── OversizedResponseError  an answer over --max-response-bytes
+    │       └── FatalApiError       401-404, 410, 422, 423, 501, 507, a redirect: the run stops
     └── RunAborted             the run stopped itself (fatal API error, too many failures)
 
 Every error that crosses a module boundary is one of these; aiohttp's own exceptions are translated
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import re
 from typing import Any
+from urllib.parse import quote, quote_plus, unquote, urlsplit, urlunsplit
 
 __all__ = [
     "ApiError",
@@ -28,28 +31,59 @@ __all__ = [
     "FatalApiError",
     "InputError",
     "ItemRejectedError",
+    "MalformedResponseError",
+    "OversizedResponseError",
     "RequestError",
     "RequestTimeout",
     "RunAborted",
     "TransientApiError",
     "TransportError",
     "redact",
+    "url_secrets",
+    "without_userinfo",
 ]
 
 REDACTED = "***"
+#: secrets shorter than this are only removed where their context shows them (``api_key=``,
+#: ``Bearer``, a URL's user info): replacing every occurrence of a short key would shred text
+#: (a key ``x`` turned "does not exist" into "does not e***ist")
+MIN_SECRET_LENGTH = 8
 _KEY_IN_QUERY = re.compile(r"(?i)(api_key=)[^&\s'\"<>]+")
-_BEARER = re.compile(r"(?i)(bearer\s+)[^\s'\"<>]+")
+_BEARER = re.compile(r"(?i)\b(bearer\s+)[^\s'\"<>]+")
+_BASIC = re.compile(r"(?i)\b(authorization\W{0,4}basic\s+)[^\s'\"<>]+")
+_URL_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s@'\"<>]+@")
 
 
 def redact(text: str, *secrets: str | None) -> str:
-    """Return ``text`` with API keys removed: ``api_key=`` query values, bearer tokens, and
-    every literal occurrence of each secret given (also URL-quoted forms are caught by the query
-    rule)."""
+    """Return ``text`` with secrets removed: ``api_key=`` query values, ``Bearer`` and ``Basic``
+    credentials, the user info of URLs (``http://user:pw@host``), and every occurrence of each
+    secret given, raw or URL-encoded. A secret shorter than :data:`MIN_SECRET_LENGTH` is
+    removed only where the patterns show it: as a substring it would match ordinary words."""
     for secret in secrets:
-        if secret:
-            text = text.replace(secret, REDACTED)
+        if secret and len(secret) >= MIN_SECRET_LENGTH:
+            for form in {secret, quote(secret, safe=""), quote_plus(secret, safe="")}:
+                # Percent-escapes may come back in either case (%2F or %2f).
+                flags = re.IGNORECASE if "%" in form else 0
+                text = re.sub(re.escape(form), REDACTED, text, flags=flags)
     text = _KEY_IN_QUERY.sub(r"\1" + REDACTED, text)
-    return _BEARER.sub(r"\1" + REDACTED, text)
+    text = _BEARER.sub(r"\1" + REDACTED, text)
+    text = _BASIC.sub(r"\1" + REDACTED, text)
+    return _URL_USERINFO.sub(r"\1" + REDACTED + "@", text)
+
+
+def url_secrets(url: str) -> tuple[str, ...]:
+    """The credentials in a URL's user info (``http://user:pw@host``), to pass to :func:`redact`."""
+    parts = urlsplit(url)
+    found = (parts.password, parts.username)
+    return tuple(unquote(value) for value in found if value)
+
+
+def without_userinfo(url: str) -> str:
+    """``http://user:pw@host:9001/x`` -> ``http://host:9001/x``: a URL safe to store or show."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
 
 
 class BatchClassifyError(Exception):
@@ -116,8 +150,20 @@ class TransientApiError(ApiError):
     """Rate limited, overloaded or a broken body: the same request may well succeed later."""
 
 
+class MalformedResponseError(TransientApiError):
+    """A 200 whose body is not a documented answer (not JSON, NaN, wrong types, ...)."""
+
+    kind = "malformed_response"
+
+
 class ItemRejectedError(ApiError):
     """The service refused this image (400, 413): retrying the same bytes cannot help."""
+
+
+class OversizedResponseError(ItemRejectedError):
+    """The answer was larger than the client reads (``--max-response-bytes``)."""
+
+    kind = "response_too_large"
 
 
 class FatalApiError(ApiError):

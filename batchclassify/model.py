@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import base64
+import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-__all__ = ["ErrorInfo", "Item", "Result", "Status"]
+from batchclassify.text import raw_name, valid_unicode
+
+__all__ = ["ErrorInfo", "Item", "Result", "Status", "record_json"]
 
 Status = Literal["ok", "error"]
 
@@ -40,7 +44,11 @@ class ErrorInfo:
     http_status: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"type": self.type, "message": self.message, "http_status": self.http_status}
+        return {
+            "type": self.type,
+            "message": valid_unicode(self.message),
+            "http_status": self.http_status,
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,9 +84,14 @@ class Result:
         return self.status == "ok"
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON-ready record written to JSONL (keys in a stable order)."""
-        return {
-            "source": self.source,
+        """The JSON-ready record written to JSONL and the state (keys in a stable order).
+
+        Every string is valid Unicode. A source whose file name is not valid UTF-8 is written
+        readably (``caf\\xe9.jpg``) and, exactly, as base64 of its bytes in ``source_bytes``
+        (present only then)."""
+        error = self.error
+        record: dict[str, Any] = {
+            "source": valid_unicode(self.source),
             "status": self.status,
             "top": self.top,
             "confidence": self.confidence,
@@ -87,18 +100,25 @@ class Result:
             "image": self.image,
             "inference_id": self.inference_id,
             "time": self.time,
-            "error": self.error.to_dict() if self.error else None,
+            "error": error.to_dict() if error else None,
             "attempts": self.attempts,
             "latency_ms": self.latency_ms,
-            "duplicate_of": self.duplicate_of,
+            "duplicate_of": None if self.duplicate_of is None else valid_unicode(self.duplicate_of),
         }
+        raw = raw_name(self.source)
+        if raw is not None:
+            record["source_bytes"] = base64.b64encode(raw).decode("ascii")
+        return record
 
     @classmethod
     def from_dict(cls, record: dict[str, Any]) -> Result:
         """Rebuild a result from its JSONL record (the inverse of :meth:`to_dict`)."""
         error = record.get("error")
+        source = record["source"]
+        if record.get("source_bytes"):
+            source = base64.b64decode(record["source_bytes"]).decode("utf-8", "surrogateescape")
         return cls(
-            source=record["source"],
+            source=source,
             status=record["status"],
             top=record.get("top"),
             confidence=record.get("confidence"),
@@ -112,3 +132,9 @@ class Result:
             latency_ms=record.get("latency_ms"),
             duplicate_of=record.get("duplicate_of"),
         )
+
+
+def record_json(result: Result, *, ascii: bool = False) -> str:
+    """The result's record as one line of strict JSON (no NaN, valid UTF-8, no newline);
+    ``ascii`` escapes everything else too, e.g. for a terminal."""
+    return json.dumps(result.to_dict(), ensure_ascii=ascii, separators=(",", ":"), allow_nan=False)

@@ -9,6 +9,12 @@
 The queues are bounded, so however long the input, at most ``queue_size`` items wait on each side
 of the workers. A failure of one item becomes an error row; only a fatal API error (bad key,
 unknown model, …) or a systemic failure (``max_failures``, a long outage) stops the run.
+
+Nothing escapes a worker unnoticed: an unexpected exception while processing an item (a bug, a
+library raising something new) becomes an error row of type ``internal`` and the worker carries
+on. Every item is accounted for: :attr:`Pipeline.taken` items left the sources, and each was
+either yielded as a result or counted in :attr:`Pipeline.dropped` (not started because the run
+stopped); the runner checks that sum at the end of every run.
 """
 
 from __future__ import annotations
@@ -18,12 +24,13 @@ import base64
 import dataclasses
 import hashlib
 import itertools
+import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, TextIO
+from typing import Literal, TextIO, TypeVar
 
 from batchclassify.client import ClassifyClient, ClientOptions
 from batchclassify.dedup import ContentDedup
@@ -37,19 +44,24 @@ from batchclassify.errors import (
 )
 from batchclassify.model import ErrorInfo, Item, Result
 from batchclassify.prepare import PrepareOptions, default_workers, prepare_bytes, prepare_file
-from batchclassify.response import result_from_response
+from batchclassify.response import result_from_answer
 from batchclassify.sources import SourceOptions, iter_items
 from batchclassify.state import StateStore
 from batchclassify.throttle import Throttle, ThrottleOptions
 
 __all__ = ["Pipeline", "PipelineOptions", "UrlMode", "iter_results"]
 
+log = logging.getLogger("batchclassify")
+
 UrlMode = Literal["auto", "reference", "fetch"]
+_T = TypeVar("_T")
 #: items pulled from the (synchronous) sources per hop to the producer thread
 _CHUNK = 256
 _END = None
 #: ``error.type`` values that come from a failed request (as opposed to a bad input)
-_REQUEST_ERROR_TYPES = frozenset({"http", "timeout", "connection"})
+_REQUEST_ERROR_TYPES = frozenset(
+    {"http", "timeout", "connection", "malformed_response", "response_too_large"}
+)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -104,6 +116,9 @@ class Pipeline:
         self._producer: asyncio.Task[None] | None = None
         self.client: ClassifyClient | None = None
         self.throttle: Throttle | None = None
+        #: items taken from the sources, and those not reported because the run stopped
+        self.taken = 0
+        self.dropped = 0
 
     @property
     def stopping(self) -> bool:
@@ -162,27 +177,40 @@ class Pipeline:
                     task.cancel()
                 await asyncio.gather(producer, closer, *self._workers, return_exceptions=True)
                 executor.shutdown(wait=False, cancel_futures=True)
+                # Results finished but never taken (the consumer stopped early) count as dropped.
+                self.dropped += sum(1 for left in _drain(done, 0) if left is not _END)
         if self._fatal is not None:
             raise self._fatal
 
     async def _produce(self, todo: asyncio.Queue[Item | None]) -> None:
         iterator: Iterator[Item] = iter(self._items)
         ends = self.options.concurrency
+        unsent = 0  # items of the current chunk not yet queued
         try:
             while chunk := await asyncio.to_thread(list, itertools.islice(iterator, _CHUNK)):
+                # Counted as taken at once: whatever happens next, each is reported or dropped.
+                self.taken += len(chunk)
+                unsent = len(chunk)
                 for item in chunk:
+                    if self._stopping:
+                        return
                     await todo.put(item)
+                    unsent -= 1
             for _ in range(ends):
                 await todo.put(_END)
         except Exception as exc:
             # A source that breaks (not one bad entry: those are items) ends the run cleanly.
             if self._fatal is None:
-                self._fatal = RunAborted(f"reading the inputs failed: {type(exc).__name__}: {exc}")
+                log.debug("reading the inputs failed", exc_info=True)
+                self._fatal = RunAborted(
+                    self._redact(f"reading the inputs failed: {type(exc).__name__}: {exc}")
+                )
             self._stopping = True
         finally:
+            self.dropped += unsent
             if self._stopping:
                 # Unsent items are dropped (a resumed run picks them up); every worker wakes.
-                _drain(todo, ends)
+                self.dropped += sum(1 for left in _drain(todo, ends) if left is not _END)
 
     async def _close_when_done(self, done: asyncio.Queue[Result | None]) -> None:
         await asyncio.gather(*self._workers, return_exceptions=True)
@@ -195,16 +223,41 @@ class Pipeline:
         executor: ThreadPoolExecutor,
     ) -> None:
         while (item := await todo.get()) is not _END:
-            if self._stopping:
-                continue  # drained: not reported, so a resumed run picks it up
             try:
-                result = await self._process(item, executor)
-            except (FatalApiError, RunAborted) as exc:
-                self._fail_run(exc)
-                continue
-            if result.error is not None and result.error.type in _REQUEST_ERROR_TYPES:
-                self._count_failure()
-            await done.put(result)
+                result = await self._outcome(item, executor)
+                if result is not None:
+                    await done.put(result)
+            except asyncio.CancelledError:
+                self.dropped += 1  # abort(): in flight, not reported
+                raise
+
+    async def _outcome(self, item: Item, executor: ThreadPoolExecutor) -> Result | None:
+        """The item's result, or ``None`` when the run is stopping (counted as dropped)."""
+        if self._stopping:
+            self.dropped += 1  # not reported, so a resumed run picks it up
+            return None
+        try:
+            result = await self._classify_item(item, executor)
+        except (FatalApiError, RunAborted) as exc:
+            self.dropped += 1
+            self._fail_run(exc)
+            return None
+        except Exception as exc:
+            result = self._internal_error(item, exc)
+        result = self._row(item, result)
+        if result.error is not None and result.error.type in _REQUEST_ERROR_TYPES:
+            self._count_failure()
+        return result
+
+    def _internal_error(self, item: Item, exc: Exception) -> Result:
+        """A bug or an unforeseen library error on one item: an error row, never a dead
+        worker (which would silently take the rest of the input with it)."""
+        log.info("internal error on %s", self._redact(item.source), exc_info=True)
+        info = ErrorInfo("internal", f"{type(exc).__name__}: {exc}")
+        return _error_result(item, info, attempts=0)
+
+    def _redact(self, text: str) -> str:
+        return self.client.redact(text) if self.client is not None else text
 
     def _fail_run(self, exc: BatchClassifyError) -> None:
         if self._fatal is None:
@@ -221,9 +274,14 @@ class Pipeline:
             )
             self.stop()
 
-    async def _process(self, item: Item, executor: ThreadPoolExecutor) -> Result:
-        result = await self._classify_item(item, executor)
-        return dataclasses.replace(result, source=item.source, key=item.key)
+    def _row(self, item: Item, result: Result) -> Result:
+        """The result as reported: the item's own source and key, the message redacted."""
+        error = result.error
+        if error is not None:
+            # The one place error rows are made: whatever the message quotes (a server's page
+            # echoing the request URL, say), no secret gets into an output.
+            error = dataclasses.replace(error, message=self._redact(error.message))
+        return dataclasses.replace(result, source=item.source, key=item.key, error=error)
 
     async def _classify_item(self, item: Item, executor: ThreadPoolExecutor) -> Result:
         if item.problem is not None:
@@ -245,8 +303,8 @@ class Pipeline:
                         item, await self._fetch_payload(item.url, executor)
                     )
                 latency = (time.perf_counter() - started) * 1000
-                return result_from_response(
-                    item.source, response.body, attempts=response.attempts, latency_ms=latency
+                return result_from_answer(
+                    item.source, response.answer, attempts=response.attempts, latency_ms=latency
                 )
             if item.url is not None:
                 payload = await self._fetch_payload(item.url, executor)
@@ -274,8 +332,8 @@ class Pipeline:
             started = time.perf_counter()
             response = await client.classify(data=payload.body)
             latency = (time.perf_counter() - started) * 1000
-            result = result_from_response(
-                item.source, response.body, attempts=response.attempts, latency_ms=latency
+            result = result_from_answer(
+                item.source, response.answer, attempts=response.attempts, latency_ms=latency
             )
             return dataclasses.replace(result, content_hash=payload.digest)
         finally:
@@ -321,18 +379,25 @@ def _error_result(item: Item, error: ErrorInfo, *, attempts: int) -> Result:
     return Result(source=item.source, status="error", error=error, attempts=attempts)
 
 
-def _drain(queue: asyncio.Queue[Item | None], ends: int) -> None:
-    """Empty a queue of items but keep ``ends`` end markers, so every worker still wakes up."""
+def _drain(queue: asyncio.Queue[_T | None], ends: int) -> list[_T | None]:
+    """Empty a queue, then put ``ends`` end markers back so every worker still wakes up;
+    returns what was taken out."""
+    taken: list[_T | None] = []
     while True:
         try:
-            queue.get_nowait()
+            taken.append(queue.get_nowait())
         except asyncio.QueueEmpty:
             break
     for _ in range(ends):
         queue.put_nowait(_END)
+    return taken
 
 
 _FATAL_HINTS = {
+    410: "the model is gone from the service: check --model and --endpoint",
+    501: "the server has no runtime for this model: check --model and --endpoint (a plain web "
+    "server answers 501 too)",
+    507: "the model is too big for this server: use another server or the hosted API",
     401: "the API key is missing or invalid: check ROBOFLOW_API_KEY or --api-key",
     402: "the workspace is out of credits: top up, or wait for the billing period",
     403: "the API key was refused for this model (wrong key, another workspace's key, or no "
@@ -344,8 +409,14 @@ _FATAL_HINTS = {
 
 
 def _explain_fatal(exc: BatchClassifyError) -> RunAborted:
-    status = getattr(exc, "http_status", None)
-    hint = _FATAL_HINTS.get(status or 0, "the service refused the run")
+    status = getattr(exc, "http_status", None) or 0
+    if 300 <= status < 400:
+        hint = (
+            "the endpoint answered with a redirect, which is never followed (it would send your "
+            "images and key elsewhere): if the new address is right, pass it as --endpoint"
+        )
+    else:
+        hint = _FATAL_HINTS.get(status, "the service refused the run")
     return RunAborted(f"{hint} (server said: {exc})")
 
 

@@ -1,67 +1,228 @@
-"""Normalise the service's two answer shapes (single-label list, multi-label dict) into a Result."""
+"""The service's answers: parsed, checked against the documented shapes, and normalised.
+
+A 200 body is untrusted: it may come from a proxy, a misconfigured server or a hostile one.
+:func:`parse_answer` accepts exactly what ``shared/PROTOCOL.md`` documents and turns anything
+else into a :class:`~batchclassify.errors.MalformedResponseError` saying what was wrong (the
+client retries it: proxies garble bodies). So every :class:`Answer` holds finite confidences in
+[0, 1], class names that are non-empty valid strings, and integer image sizes.
+
+Both shapes become one: single-label (``predictions`` a list of ``{class, confidence}``, plus
+``top``/``confidence``) and multi-label (``predictions`` a dict ``class -> {confidence}``, plus
+``predicted_classes``). ``predictions`` is always a ``{class: confidence}`` map and
+``top``/``confidence`` the best class for both.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import json
+import math
+import re
+from dataclasses import dataclass
+from typing import Any, NoReturn
 
+from batchclassify.errors import MalformedResponseError
 from batchclassify.model import Result
 
-__all__ = ["result_from_response"]
+__all__ = ["Answer", "parse_answer", "result_from_answer", "snippet"]
+
+#: longest class name or inference id accepted (real ones are a few dozen characters)
+MAX_NAME_LENGTH = 1024
+#: largest image side accepted in ``image`` (pixels)
+MAX_IMAGE_SIDE = 1 << 20
+_TAG = re.compile(r"<[^>]{0,200}>")
 
 
-def result_from_response(
-    source: str, body: dict[str, Any], *, attempts: int, latency_ms: float
-) -> Result:
-    """Build the ``ok`` result for ``source`` from a 200 body.
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """A checked, normalised classify answer."""
 
-    Single-label: ``predictions`` is a list of ``{class, confidence}``; ``predicted_classes`` is
-    ``[top]`` (empty when ``top`` is ``""``, i.e. nothing passed the threshold). Multi-label:
-    ``predictions`` maps class -> ``{confidence}`` and ``predicted_classes`` comes from the
-    server; ``top``/``confidence`` are filled in with the best class so both shapes can be
-    sorted and filtered alike.
-    """
-    raw = body.get("predictions")
-    predictions: dict[str, float] = {}
+    top: str
+    confidence: float
+    predicted_classes: tuple[str, ...]
+    predictions: dict[str, float]
+    image: dict[str, int] | None
+    inference_id: str | None
+    time: float | None
+
+
+def parse_answer(body: bytes) -> Answer:
+    """Parse and check a 200 body; raise :class:`MalformedResponseError` for anything that is
+    not a documented answer (not UTF-8, not JSON, NaN, absurd nesting, wrong types, ...)."""
+    try:
+        data = json.loads(body.decode("utf-8"), parse_constant=_no_constant)
+    except UnicodeDecodeError:
+        _malformed(f"the body is not UTF-8 text: {snippet(body, 120)!r}")
+    except RecursionError:
+        _malformed("the body is JSON nested too deeply to be an answer")
+    except ValueError as exc:  # JSONDecodeError, NaN/Infinity, integers with 4300+ digits
+        _malformed(f"the body is not valid JSON ({exc}): {snippet(body, 120)!r}")
+    if not isinstance(data, dict):
+        _malformed(f"the answer is a JSON {_kind(data)}, not an object")
+    raw = data.get("predictions")
     if isinstance(raw, list):
-        for entry in raw:
-            if isinstance(entry, dict) and "class" in entry:
-                predictions[str(entry["class"])] = _number(entry.get("confidence"))
-        top = body.get("top")
-        if top is None and predictions:
-            top = max(predictions, key=predictions.__getitem__)
-        top = "" if top is None else str(top)
-        confidence = _number(body.get("confidence", predictions.get(top, 0.0)))
+        predictions, top, confidence = _single_label(raw, data)
         predicted: tuple[str, ...] = (top,) if top else ()
     elif isinstance(raw, dict):
-        for name, entry in raw.items():
-            value = entry.get("confidence") if isinstance(entry, dict) else entry
-            predictions[str(name)] = _number(value)
-        predicted = tuple(str(name) for name in body.get("predicted_classes") or ())
-        if predictions:
-            top = max(predictions, key=predictions.__getitem__)
-            confidence = predictions[top]
-        else:
-            top, confidence = "", 0.0
+        predictions = {
+            _class_name(name): _probability(
+                entry.get("confidence") if isinstance(entry, dict) else entry,
+                f"predictions[{name!r}].confidence",
+            )
+            for name, entry in raw.items()
+        }
+        predicted = tuple(_class_list(data.get("predicted_classes")))
+        top = max(predictions, key=predictions.__getitem__) if predictions else ""
+        confidence = predictions[top] if predictions else 0.0
+    elif "predictions" not in data:
+        _malformed("the answer has no 'predictions'")
     else:
-        predicted, top, confidence = (), "", 0.0
-    image = body.get("image")
-    return Result(
-        source=source,
-        status="ok",
+        _malformed(f"'predictions' is a {_kind(raw)}, not a list or an object")
+    return Answer(
         top=top,
         confidence=confidence,
         predicted_classes=predicted,
         predictions=predictions,
-        image=image if isinstance(image, dict) else None,
-        inference_id=body.get("inference_id"),
-        time=body.get("time"),
+        image=_image(data.get("image")),
+        inference_id=_optional_text(data.get("inference_id"), "inference_id"),
+        time=_seconds(data.get("time")),
+    )
+
+
+def result_from_answer(
+    source: str, answer: Answer, *, attempts: int, latency_ms: float
+) -> Result:
+    """The ``ok`` result for ``source``."""
+    return Result(
+        source=source,
+        status="ok",
+        top=answer.top,
+        confidence=answer.confidence,
+        predicted_classes=answer.predicted_classes,
+        predictions=answer.predictions,
+        image=answer.image,
+        inference_id=answer.inference_id,
+        time=answer.time,
         attempts=attempts,
         latency_ms=round(latency_ms, 2),
     )
 
 
-def _number(value: Any) -> float:
+def _single_label(raw: list[Any], data: dict[str, Any]) -> tuple[dict[str, float], str, float]:
+    predictions: dict[str, float] = {}
+    for number, entry in enumerate(raw):
+        if not isinstance(entry, dict):
+            _malformed(f"predictions[{number}] is a {_kind(entry)}, not an object")
+        name = _class_name(entry.get("class"))
+        field = f"predictions[{number}].confidence"
+        predictions[name] = _probability(entry.get("confidence"), field)
+    top = data.get("top")
+    if top is None:
+        top = max(predictions, key=predictions.__getitem__) if predictions else ""
+    elif top != "":
+        top = _class_name(top, field="top")
+    if "confidence" in data:
+        confidence = _probability(data["confidence"], "confidence")
+    else:
+        confidence = predictions.get(top, 0.0)
+    return predictions, top, confidence
+
+
+def _class_name(value: Any, *, field: str = "class") -> str:
+    if not isinstance(value, str):
+        _malformed(f"a {field} is a {_kind(value)}, not a string")
+    if not value:
+        _malformed(f"a {field} is an empty string")
+    return _checked_text(value, field)
+
+
+def _class_list(value: Any) -> list[str]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        _malformed(f"'predicted_classes' is a {_kind(value)}, not a list")
+    return [_class_name(name, field="predicted class") for name in value]
+
+
+def _checked_text(value: str, field: str) -> str:
+    if len(value) > MAX_NAME_LENGTH:
+        _malformed(f"a {field} is {len(value)} characters long")
     try:
-        return float(value)
-    except (TypeError, ValueError):
-        return 0.0
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        _malformed(f"a {field} is not valid Unicode (a lone surrogate)")
+    return value
+
+
+def _probability(value: Any, field: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        _malformed(f"{field} is a {_kind(value)}, not a number")
+    number = float(value)
+    if not (math.isfinite(number) and 0.0 <= number <= 1.0):
+        _malformed(f"{field} is {value!r}, outside [0, 1]")
+    return number
+
+
+def _image(value: Any) -> dict[str, int] | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        _malformed(f"'image' is a {_kind(value)}, not an object")
+    size: dict[str, int] = {}
+    for side in ("width", "height"):
+        number = value.get(side)
+        if number is None:
+            continue
+        if isinstance(number, bool) or not isinstance(number, int):
+            _malformed(f"image.{side} is a {_kind(number)}, not an integer")
+        if not 0 <= number <= MAX_IMAGE_SIDE:
+            _malformed(f"image.{side} is {number}, not a plausible size")
+        size[side] = number
+    return size or None
+
+
+def _optional_text(value: Any, field: str) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        _malformed(f"{field} is a {_kind(value)}, not a string")
+    return _checked_text(value, field)
+
+
+def _seconds(value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        _malformed(f"time is a {_kind(value)}, not a number")
+    number = float(value)
+    if not (math.isfinite(number) and number >= 0):
+        _malformed(f"time is {value!r}, not a duration")
+    return number
+
+
+def _no_constant(name: str) -> NoReturn:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _malformed(message: str) -> NoReturn:
+    raise MalformedResponseError(f"malformed answer: {message}", http_status=200)
+
+
+def _kind(value: Any) -> str:
+    return {
+        type(None): "null",
+        bool: "boolean",
+        int: "number",
+        float: "number",
+        str: "string",
+        list: "list",
+        dict: "object",
+    }.get(type(value), type(value).__name__)
+
+
+def snippet(body: bytes | str, limit: int = 300) -> str:
+    """A short, single-line excerpt of a body that may be HTML or binary noise."""
+    # Only the head is looked at: the body may be megabytes of anything.
+    text = body[: limit * 16]
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", "replace")
+    return " ".join(_TAG.sub(" ", text).split())[:limit]

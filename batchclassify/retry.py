@@ -2,9 +2,9 @@
 
 The classification follows the status table of PROTOCOL.md: 429 and 5xx, timeouts, dropped
 connections and unusable 200 bodies are transient; 400 and 413 condemn the item; 401, 402, 403,
-404, 422 and 423 condemn the whole run. The wait is exponential backoff with full jitter
-(tenacity's ``wait_random_exponential``), never shorter than what the server asked for in
-``Retry-After``.
+404, 410, 422, 423, 501 and 507 condemn the whole run. The wait is exponential backoff with
+full jitter (tenacity's ``wait_random_exponential``), never shorter than what the server asked
+for in ``Retry-After``.
 """
 
 from __future__ import annotations
@@ -38,7 +38,8 @@ __all__ = [
 
 TRANSIENT_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
 ITEM_STATUSES = frozenset({400, 413, 415})
-FATAL_STATUSES = frozenset({401, 402, 403, 404, 422, 423})
+#: 410 gone, 501 no runtime for the model, 507 model too big: these never recover either
+FATAL_STATUSES = frozenset({401, 402, 403, 404, 410, 422, 423, 501, 507})
 #: a server asking for more than this is treated as asking for this much (a sane upper bound)
 MAX_RETRY_AFTER = 300.0
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -30,6 +31,7 @@ from tqdm import tqdm
 
 from batchclassify.errors import ConfigError, RunAborted
 from batchclassify.model import Item, Result
+from batchclassify.paths import PlannedPath, check_paths, state_companions
 from batchclassify.pipeline import Pipeline, PipelineOptions
 from batchclassify.sinks import STDOUT, Sink, check_outputs, open_sinks, repair_output
 from batchclassify.sources import count_items, iter_items
@@ -43,6 +45,8 @@ from batchclassify.state import (
 from batchclassify.summary import RunStats
 
 __all__ = ["JobState", "run"]
+
+log = logging.getLogger("batchclassify")
 
 #: commit to the state at least this often (seconds): about what a kill -9 makes us redo
 COMMIT_INTERVAL = 0.05
@@ -79,55 +83,24 @@ async def run(
     summary_path: str | Path | None = None,
     stdin: TextIO | None = None,
     on_start: Callable[[Pipeline], None] | None = None,
+    other_paths: Sequence[PlannedPath] = (),
 ) -> RunStats:
     """Classify every input of ``specs`` and write each result once to every output.
 
     ``outputs`` are file names (``.jsonl``, ``.csv``, ``-`` for stdout) opened here; ``sinks``
-    are extra, already-open sinks (flushed, not closed). Returns the run's statistics; raises
-    :class:`~batchclassify.errors.RunAborted` (after flushing everything; ``.stats`` holds the
-    statistics) when a fatal error stopped the run. ``on_start`` receives the pipeline, so a
-    signal handler can ``stop()`` it.
+    are extra, already-open sinks (flushed, not closed); ``other_paths`` are further paths the
+    caller will write (checked with the rest before the first request). Returns the run's
+    statistics; raises :class:`~batchclassify.errors.RunAborted` (after flushing everything;
+    ``.stats`` holds the statistics) when a fatal error stopped the run, or when the closing
+    check finds an input unaccounted for or an output short of a row. ``on_start`` receives the
+    pipeline, so a signal handler can ``stop()`` it.
     """
     state = state or JobState()
-    if summary_path is not None:
-        _check_summary_path(Path(summary_path), overwrite=overwrite)
-    async with contextlib.AsyncExitStack() as stack:
-        store = _open_state(state, options, outputs, overwrite=overwrite, stack=stack)
-        resuming = store is not None and state.resume
-        check_outputs(outputs, overwrite=overwrite, append=resuming)
-        if resuming:
-            assert store is not None
-            forgotten = store.forget_retryable(all_failures=state.retry_failed)
-            opened = await _caught_up_sinks(store, outputs, rebuild=forgotten > 0)
-        else:
-            opened = await open_sinks(outputs, overwrite=overwrite)
-        for sink in opened:
-            stack.push_async_callback(sink.aclose)
-        items: Iterator[Item] = iter_items(specs, options.sources, stdin=stdin)
-        if store is not None or state.shard is not None:
-            reader = store.reader() if resuming and store is not None else None
-            if reader is not None:
-                stack.callback(reader.close)
-            items = select_items(items, reader=reader, shard=state.shard)
-        pipeline = Pipeline(specs, options, items=items, store=store)
-        if on_start is not None:
-            on_start(pipeline)
-        writer = _Writer([*sinks, *opened], store)
-        bar = _progress_bar(progress)
-        counter = (
-            asyncio.create_task(_fill_total(bar, specs, options, state))
-            if bar is not None and not resuming
-            else None
-        )
-        try:
-            stats = await writer.drain(pipeline, bar)
-        finally:
-            if counter is not None:
-                counter.cancel()
-            if bar is not None:
-                bar.close()
-    if summary_path is not None:
-        await asyncio.to_thread(_write_summary, Path(summary_path), stats)
+    summary = Path(summary_path) if summary_path is not None else None
+    _check_planned_paths(outputs, state, summary, other_paths, overwrite=overwrite)
+    stats = await _run(specs, options, outputs, sinks, overwrite, state, progress, stdin, on_start)
+    if summary is not None:
+        await asyncio.to_thread(_write_summary, summary, stats)
     if stats.aborted is not None:
         error = RunAborted(stats.aborted)
         error.stats = stats
@@ -135,8 +108,98 @@ async def run(
     return stats
 
 
+async def _run(
+    specs: Sequence[str],
+    options: PipelineOptions,
+    outputs: Sequence[str],
+    sinks: Sequence[Sink],
+    overwrite: bool,
+    state: JobState,
+    progress: bool,
+    stdin: TextIO | None,
+    on_start: Callable[[Pipeline], None] | None,
+) -> RunStats:
+    stats: RunStats | None = None
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            stats, check = await _start_and_drain(
+                stack, specs, options, outputs, sinks, overwrite, state, progress, stdin, on_start
+            )
+    except RunAborted as exc:
+        if stats is None:
+            raise  # before the run (catching up an output on resume): nothing was sent
+        # Closing an output failed (a full disk at the last flush): a summary all the same.
+        stats.aborted = stats.aborted or str(exc)
+    # Only now are the outputs closed (flushed, fsynced) and their counts final.
+    check()
+    return stats
+
+
+async def _start_and_drain(
+    stack: contextlib.AsyncExitStack,
+    specs: Sequence[str],
+    options: PipelineOptions,
+    outputs: Sequence[str],
+    sinks: Sequence[Sink],
+    overwrite: bool,
+    state: JobState,
+    progress: bool,
+    stdin: TextIO | None,
+    on_start: Callable[[Pipeline], None] | None,
+) -> tuple[RunStats, Callable[[], None]]:
+    store = _open_state(state, options, outputs, overwrite=overwrite, stack=stack)
+    resuming = store is not None and state.resume
+    check_outputs(outputs, overwrite=overwrite, append=resuming)
+    if resuming:
+        assert store is not None
+        forgotten = store.forget_retryable(all_failures=state.retry_failed)
+        opened = await _caught_up_sinks(store, outputs, rebuild=forgotten > 0)
+    else:
+        opened = await open_sinks(outputs, overwrite=overwrite)
+    for sink in opened:
+        stack.push_async_callback(sink.aclose)
+    items: Iterator[Item] = iter_items(specs, options.sources, stdin=stdin)
+    if store is not None or state.shard is not None:
+        reader = store.reader() if resuming and store is not None else None
+        if reader is not None:
+            stack.callback(reader.close)
+        items = select_items(items, reader=reader, shard=state.shard)
+    pipeline = Pipeline(specs, options, items=items, store=store)
+    if on_start is not None:
+        on_start(pipeline)
+    writer = _Writer([*sinks, *opened], store)
+    bar = _progress_bar(progress)
+    counter = (
+        asyncio.create_task(_fill_total(bar, specs, options, state))
+        if bar is not None and not resuming
+        else None
+    )
+    counts_before = writer.sink_counts()
+    try:
+        stats = await writer.drain(pipeline, bar)
+    finally:
+        if counter is not None:
+            counter.cancel()
+        if bar is not None:
+            bar.close()
+
+    def check() -> None:
+        problems = writer.check(pipeline, counts_before)
+        if problems:
+            message = "the closing check failed: " + "; ".join(problems)
+            stats.aborted = f"{stats.aborted}; {message}" if stats.aborted else message
+
+    return stats, check
+
+
 class _Writer:
-    """The one task that writes: commits results to the state, then hands them to the sinks."""
+    """The one task that writes: commits results to the state, then hands them to the sinks.
+
+    A periodic tick commits and flushes; at the end it is told to stop (never cancelled: a
+    flush cut off half way would lose the rows it had taken). Any failure to commit or write
+    stops the run at once with a message: classifying more would pay for answers that cannot
+    be kept.
+    """
 
     def __init__(self, sinks: Sequence[Sink], store: StateStore | None) -> None:
         self._sinks = list(sinks)
@@ -144,68 +207,106 @@ class _Writer:
         self._uncommitted: list[Result] = []
         # Commits hand rows to the sinks in state order; two interleaved would break that.
         self._committing = asyncio.Lock()
+        self._closing = asyncio.Event()
         self._bar: tqdm[Any] | None = None
+        self._pipeline: Pipeline | None = None
         self.stats = RunStats()
+        #: results received from the pipeline; committed as new rows; already in the state
+        #: (an input listed twice); left uncommitted because writing failed
+        self.received = 0
+        self.committed = 0
+        self.repeated = 0
+        self.unsaved = 0
+        self._broken = False
 
     async def drain(self, pipeline: Pipeline, bar: tqdm[Any] | None) -> RunStats:
         self._bar = bar
+        self._pipeline = pipeline
         stats = self.stats
-        ticker = asyncio.create_task(self._tick(pipeline))
+        ticker = asyncio.create_task(self._tick())
         try:
-            # aclosing: an exception in a sink must stop the workers now, not at garbage
+            # aclosing: an exception here must stop the workers now, not at garbage
             # collection of the generator.
             async with contextlib.aclosing(pipeline.results()) as results:
                 async for result in results:
+                    self.received += 1
                     if self._store is not None:
                         self._uncommitted.append(result)
-                    else:
+                    elif not self._broken:
                         await self._emit(result)
-        except RunAborted as exc:
-            stats.aborted = str(exc)
+                    else:
+                        self.unsaved += 1
+        except RunAborted as exc:  # the pipeline's own stop: fatal API error, outage, ...
+            stats.aborted = stats.aborted or str(exc)
+        except Exception as exc:
+            self._fail(exc)
         finally:
-            ticker.cancel()
-            try:
-                await ticker
-            except asyncio.CancelledError:
-                pass
-            except RunAborted as exc:
-                stats.aborted = stats.aborted or str(exc)
-            try:
-                await self._commit()
-                await self._flush()
-            except RunAborted as exc:
-                stats.aborted = stats.aborted or str(exc)
+            self._closing.set()
+            await ticker
+            await self._save(flush=True)
             stats.finished = time.monotonic()
             stats.requests_sent = pipeline.requests_sent
             stats.reused = pipeline.reused
+            stats.not_started = pipeline.dropped
             stats.interrupted = pipeline.stopping and stats.aborted is None
             if bar is not None:
                 bar.set_postfix(ok=stats.ok, failed=stats.failed, refresh=False)
         return stats
 
-    async def _tick(self, pipeline: Pipeline) -> None:
+    async def _tick(self) -> None:
         last_flush = time.monotonic()
+        while not self._closing.is_set():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._closing.wait(), COMMIT_INTERVAL)
+            flush = time.monotonic() - last_flush >= FLUSH_INTERVAL
+            await self._save(flush=flush)
+            if flush:
+                last_flush = time.monotonic()
+
+    async def _save(self, *, flush: bool) -> None:
+        """Commit what came back, then flush the outputs if asked; failures stop the run."""
         try:
-            while True:
-                await asyncio.sleep(COMMIT_INTERVAL)
+            if self._broken:
+                # Nothing more is committed once writing failed: the state stays something
+                # the outputs can catch up with on --resume.
+                self.unsaved += len(self._uncommitted)
+                self._uncommitted = []
+            else:
                 await self._commit()
-                if time.monotonic() - last_flush >= FLUSH_INTERVAL:
-                    await self._flush()
-                    last_flush = time.monotonic()
-        except RunAborted:
-            # An output that cannot be written: classifying more would only pile results up.
-            pipeline.stop()
-            raise
+            if flush:
+                await self._flush()
+        except Exception as exc:
+            self._fail(exc)
+
+    def _fail(self, exc: Exception) -> None:
+        """Stop the run now: the state or an output cannot be written (or a bug)."""
+        self._broken = True
+        if isinstance(exc, RunAborted):
+            message = str(exc)
+        else:
+            log.debug("writing results failed", exc_info=True)
+            message = f"writing results failed: {type(exc).__name__}: {exc}"
+        if self.stats.aborted is None:
+            self.stats.aborted = message
+        if self._pipeline is not None:
+            self._pipeline.abort()
 
     async def _commit(self) -> None:
         async with self._committing:
             if not self._uncommitted or self._store is None:
                 return
             batch, self._uncommitted = self._uncommitted, []
-            for result in self._store.record(batch):
+            try:
+                new = self._store.record(batch)
+            except BaseException:
+                self.unsaved += len(batch)
+                raise
+            self.repeated += len(batch) - len(new)
+            for result in new:
                 await self._emit(result)
 
     async def _emit(self, result: Result) -> None:
+        self.committed += 1
         stats = self.stats
         stats.add(result)
         for sink in self._sinks:
@@ -218,6 +319,48 @@ class _Writer:
 
     async def _flush(self) -> None:
         await asyncio.gather(*(sink.flush() for sink in self._sinks))
+
+    def sink_counts(self) -> list[tuple[int, int] | None]:
+        """Rows each sink was given and has written (``None`` for sinks that do not count)."""
+        counts: list[tuple[int, int] | None] = []
+        for sink in self._sinks:
+            received = getattr(sink, "rows_received", None)
+            written = getattr(sink, "rows_written", None)
+            counts.append(None if received is None or written is None else (received, written))
+        return counts
+
+    def check(
+        self, pipeline: Pipeline, counts_before: Sequence[tuple[int, int] | None]
+    ) -> list[str]:
+        """The closing invariant: every input taken is a committed row, a repeat, or
+        deliberately not started; every output holds every committed row. Returns what
+        does not hold (empty when all is well)."""
+        problems: list[str] = []
+        accounted = self.received + pipeline.dropped
+        if pipeline.taken != accounted:
+            problems.append(
+                f"{pipeline.taken} inputs were taken but {self.received} results came back and "
+                f"{pipeline.dropped} were not started"
+            )
+        if self.received != self.committed + self.repeated + self.unsaved:
+            problems.append(
+                f"{self.received} results came back but {self.committed} were written, "
+                f"{self.repeated} were repeats and {self.unsaved} could not be saved"
+            )
+        elif self.unsaved and self.stats.aborted is None:
+            problems.append(f"{self.unsaved} results could not be saved")
+        hint = " (the state has them all: --resume completes it)" if self._store else ""
+        counts = zip(self._sinks, counts_before, self.sink_counts(), strict=True)
+        for sink, before, after in counts:
+            if before is None or after is None:
+                continue
+            name = str(getattr(sink, "path", "standard output"))
+            given = after[0] - before[0]
+            if given != self.committed:
+                problems.append(f"output {name!r} was given {given} of {self.committed} rows")
+            elif after[1] != after[0]:
+                problems.append(f"output {name!r} holds {after[1]} of its {after[0]} rows{hint}")
+        return problems
 
 
 def _open_state(
@@ -237,11 +380,7 @@ def _open_state(
     lock.acquire()  # before looking at the state: another run may be writing it
     stack.callback(lock.release)
     if path.exists() and not state.resume:
-        if not overwrite:
-            raise ConfigError(
-                f"a state file from an earlier run exists at {str(path)!r}: pass --resume to "
-                "continue that run, or --overwrite to start over"
-            )
+        _refuse_earlier_state(path, overwrite=overwrite)
         remove_state(path)
     if state.resume and not path.exists():
         existing = [spec for spec in outputs if spec != STDOUT and Path(spec).exists()]
@@ -323,10 +462,40 @@ async def _fill_total(
         bar.refresh()
 
 
-def _check_summary_path(path: Path, *, overwrite: bool) -> None:
-    if path.exists() and not overwrite:
-        raise ConfigError(f"summary file {str(path)!r} already exists; pass --overwrite")
+def _check_planned_paths(
+    outputs: Sequence[str],
+    state: JobState,
+    summary: Path | None,
+    other_paths: Sequence[PlannedPath],
+    *,
+    overwrite: bool,
+) -> None:
+    """Every path this run writes, checked together before anything is sent."""
+    if state.path is not None and state.path.exists() and not state.resume:
+        # First: "there is an earlier run" explains an existing output better than "exists".
+        _refuse_earlier_state(state.path, overwrite=overwrite)
+    check_outputs(outputs, overwrite=overwrite, append=state.resume)
+    planned = [PlannedPath(Path(spec), f"--out {spec}") for spec in outputs if spec != STDOUT]
+    if state.path is not None:
+        planned.extend(state_companions(state.path))
+    if summary is not None:
+        if summary.exists() and not overwrite:
+            raise ConfigError(f"summary file {str(summary)!r} already exists; pass --overwrite")
+        planned.append(PlannedPath(summary, f"--summary {summary}"))
+    check_paths([*planned, *other_paths])
+
+
+def _refuse_earlier_state(path: Path, *, overwrite: bool) -> None:
+    if not overwrite:
+        raise ConfigError(
+            f"a state file from an earlier run exists at {str(path)!r}: pass --resume to "
+            "continue that run, or --overwrite to start over"
+        )
 
 
 def _write_summary(path: Path, stats: RunStats) -> None:
-    path.write_text(json.dumps(stats.to_dict(), indent=2) + "\n", encoding="utf-8")
+    try:
+        path.write_text(json.dumps(stats.to_dict(), indent=2) + "\n", encoding="utf-8")
+    except OSError as exc:
+        message = f"cannot write the summary {str(path)!r}: {exc.strerror or exc}"
+        stats.aborted = f"{stats.aborted}; {message}" if stats.aborted else message

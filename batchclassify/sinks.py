@@ -4,16 +4,22 @@
 Results are formatted into whole lines in memory and handed to the file in one write per flush
 (through aiofiles, so a slow disk never stalls the event loop). A line is therefore either
 written whole or not at all on every normal exit, and a hard crash can at worst leave one torn
-last line, which ``--resume`` repairs.
+last line, which ``--resume`` repairs. Each sink counts the rows it was given
+(``rows_received``) and those it has really written (``rows_written``): the runner checks both
+against the rows it committed once the sink is closed.
+
+Every format is written from :meth:`Result.to_dict`, so every string is valid Unicode; JSON is
+strict (no NaN); CSV cells that a spreadsheet would run as a formula are neutralised
+(:func:`batchclassify.text.csv_cell`), while JSONL and Parquet keep exact values.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import csv
 import errno
 import io
-import json
 import os
 import sys
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -24,7 +30,8 @@ import aiofiles
 from aiofiles.threadpool.text import AsyncTextIOWrapper
 
 from batchclassify.errors import ConfigError, RunAborted
-from batchclassify.model import Result
+from batchclassify.model import Result, record_json
+from batchclassify.text import csv_cell
 
 __all__ = [
     "CSV_COLUMNS",
@@ -71,29 +78,32 @@ class Sink(Protocol):
 
 
 def result_to_csv_row(result: Result) -> list[Any]:
-    """One CSV row in :data:`CSV_COLUMNS` order; predicted classes are ``;``-joined."""
-    error = result.error
-    image = result.image or {}
-    return [
-        result.source,
-        result.status,
-        result.top if result.top is not None else "",
-        "" if result.confidence is None else result.confidence,
-        ";".join(result.predicted_classes),
-        error.message if error else "",
-        error.type if error else "",
-        error.http_status if error and error.http_status is not None else "",
-        result.attempts,
-        "" if result.latency_ms is None else result.latency_ms,
-        image.get("width", ""),
-        image.get("height", ""),
-        result.inference_id or "",
-        result.duplicate_of or "",
+    """One CSV row in :data:`CSV_COLUMNS` order; predicted classes are ``;``-joined; no cell
+    can start a spreadsheet formula."""
+    record = result.to_dict()
+    error = record["error"] or {}
+    image = record["image"] or {}
+    row = [
+        record["source"],
+        record["status"],
+        record["top"],
+        record["confidence"],
+        ";".join(record["predicted_classes"]),
+        error.get("message"),
+        error.get("type"),
+        error.get("http_status"),
+        record["attempts"],
+        record["latency_ms"],
+        image.get("width"),
+        image.get("height"),
+        record["inference_id"],
+        record["duplicate_of"],
     ]
+    return [csv_cell("" if value is None else value) for value in row]
 
 
 def _jsonl_line(result: Result) -> str:
-    return json.dumps(result.to_dict(), ensure_ascii=False, separators=(",", ":")) + "\n"
+    return record_json(result) + "\n"
 
 
 class _BufferedFileSink:
@@ -105,25 +115,37 @@ class _BufferedFileSink:
         self._pending: list[str] = []
         # aiofiles writes from a thread pool: two flushes in flight could land out of order.
         self._flushing = asyncio.Lock()
+        #: result rows given to :meth:`write`, and those handed to the file (no header)
+        self.rows_received = 0
+        self.rows_written = 0
+        self._rows_pending = 0
 
     def _format(self, result: Result) -> str:
         raise NotImplementedError
 
     async def write(self, result: Result) -> None:
         self._pending.append(self._format(result))
+        self._rows_pending += 1
+        self.rows_received += 1
 
     async def flush(self) -> None:
         async with self._flushing:
-            if self._pending:
-                text = "".join(self._pending)
-                self._pending.clear()
-                try:
-                    await self._handle.write(text)
-                    await self._handle.flush()
-                except OSError as exc:
-                    raise RunAborted(
-                        f"cannot write output {str(self.path)!r}: {exc.strerror or exc}"
-                    ) from None
+            if not self._pending:
+                return
+            text = "".join(self._pending)
+            rows = self._rows_pending
+            self._pending.clear()
+            self._rows_pending = 0
+            try:
+                await self._handle.write(text)
+                await self._handle.flush()
+            except OSError as exc:
+                raise RunAborted(
+                    f"cannot write output {str(self.path)!r}: {exc.strerror or exc}"
+                ) from None
+            # Counted only once written: rows lost on the way (a cancelled flush) show up as
+            # a difference the runner reports, instead of vanishing.
+            self.rows_written += rows
 
     async def aclose(self) -> None:
         error: RunAborted | None = None
@@ -188,20 +210,28 @@ class StdoutSink:
 
     def __init__(self) -> None:
         self._pending: list[str] = []
+        self.rows_received = 0
+        self.rows_written = 0
+        # A terminal may act on raw C1 controls (U+009B starts an escape sequence): escape all.
+        self._ascii = sys.stdout.isatty()
 
     async def write(self, result: Result) -> None:
-        self._pending.append(_jsonl_line(result))
+        self._pending.append(record_json(result, ascii=self._ascii) + "\n")
+        self.rows_received += 1
 
     async def flush(self) -> None:
-        if self._pending:
-            try:
-                sys.stdout.write("".join(self._pending))
-                sys.stdout.flush()
-            except BrokenPipeError:
-                # `... | head`: the reader is gone; stop writing instead of crashing the run.
-                self._pending.clear()
-                return
-            self._pending.clear()
+        if not self._pending:
+            return
+        text = "".join(self._pending)
+        rows = len(self._pending)
+        self._pending.clear()
+        try:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+        except BrokenPipeError:
+            # `... | head`: the reader is gone, and classifying more would only spend credits.
+            raise RunAborted("standard output was closed by the reader: stopping") from None
+        self.rows_written += rows
 
     async def aclose(self) -> None:
         await self.flush()
@@ -244,35 +274,43 @@ class ParquetSink:
                 ("attempts", pa.int32()),
                 ("latency_ms", pa.float64()),
                 ("duplicate_of", pa.string()),
+                ("source_bytes", pa.binary()),
             ]
         )
         self._writer = pq.ParquetWriter(self._partial, self._schema)
         self._rows: list[dict[str, Any]] = []
+        self.rows_received = 0
+        self.rows_written = 0
 
     @classmethod
     async def open(cls, path: Path, *, mode: OpenMode) -> ParquetSink:
         return await asyncio.to_thread(lambda: cls(path, overwrite=mode != "x"))
 
     async def write(self, result: Result) -> None:
-        error, image = result.error, result.image or {}
+        self.rows_received += 1
+        record = result.to_dict()
+        error = record["error"] or {}
+        image = record["image"] or {}
+        raw = record.get("source_bytes")
         self._rows.append(
             {
-                "source": result.source,
-                "status": result.status,
-                "top": result.top,
-                "confidence": result.confidence,
-                "predicted_classes": list(result.predicted_classes),
-                "predictions": list(result.predictions.items()),
+                "source": record["source"],
+                "status": record["status"],
+                "top": record["top"],
+                "confidence": record["confidence"],
+                "predicted_classes": record["predicted_classes"],
+                "predictions": list(record["predictions"].items()),
                 "width": image.get("width"),
                 "height": image.get("height"),
-                "inference_id": result.inference_id,
-                "time": result.time,
-                "error_type": error.type if error else None,
-                "error_message": error.message if error else None,
-                "http_status": error.http_status if error else None,
-                "attempts": result.attempts,
-                "latency_ms": result.latency_ms,
-                "duplicate_of": result.duplicate_of,
+                "inference_id": record["inference_id"],
+                "time": record["time"],
+                "error_type": error.get("type"),
+                "error_message": error.get("message"),
+                "http_status": error.get("http_status"),
+                "attempts": record["attempts"],
+                "latency_ms": record["latency_ms"],
+                "duplicate_of": record["duplicate_of"],
+                "source_bytes": base64.b64decode(raw) if raw else None,
             }
         )
 
@@ -281,16 +319,24 @@ class ParquetSink:
             await self._write_rows()
 
     async def _write_rows(self) -> None:
-        if self._rows:
-            rows, self._rows = self._rows, []
-            pa, _ = _pyarrow()
+        if not self._rows:
+            return
+        rows, self._rows = self._rows, []
+        pa, _ = _pyarrow()
+        try:
             table = pa.Table.from_pylist(rows, schema=self._schema)
             await asyncio.to_thread(self._writer.write_table, table)
+        except (pa.ArrowException, OSError) as exc:
+            raise RunAborted(f"cannot write output {str(self.path)!r}: {exc}") from None
+        self.rows_written += len(rows)
 
     async def aclose(self) -> None:
         await self._write_rows()
-        await asyncio.to_thread(self._writer.close)
-        await asyncio.to_thread(os.replace, self._partial, self.path)
+        try:
+            await asyncio.to_thread(self._writer.close)
+            await asyncio.to_thread(os.replace, self._partial, self.path)
+        except OSError as exc:
+            raise RunAborted(f"cannot write output {str(self.path)!r}: {exc}") from None
 
 
 def _pyarrow() -> tuple[Any, Any]:

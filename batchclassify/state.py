@@ -17,6 +17,7 @@ whole row, and the rows it lacks are appended from here in ``seq`` order.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import fcntl
 import hashlib
@@ -27,8 +28,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from batchclassify.errors import ConfigError
-from batchclassify.model import Item, Result
+from batchclassify.errors import ConfigError, RunAborted
+from batchclassify.model import Item, Result, record_json
 
 __all__ = [
     "RETRYABLE_ERROR_TYPES",
@@ -54,7 +55,7 @@ CREATE TABLE IF NOT EXISTS results (
 CREATE INDEX IF NOT EXISTS results_content ON results (content_hash) WHERE content_hash IS NOT NULL;
 """
 #: error types a resumed run tries again without being asked (``--retry-failed`` retries all)
-RETRYABLE_ERROR_TYPES = frozenset({"timeout", "connection"})
+RETRYABLE_ERROR_TYPES = frozenset({"timeout", "connection", "malformed_response", "internal"})
 _RETRYABLE_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
 
 
@@ -79,14 +80,27 @@ def is_final(result: Result) -> bool:
 def item_key(item: Item) -> str:
     """The stable identity of an input (see the module docstring)."""
     if item.url is not None:
-        return f"url:{item.url}"
+        return f"url:{_key_text(item.url)}"
     if item.path is None:
-        return f"entry:{item.source}"
+        return f"entry:{_key_text(item.source)}"
     try:
         info = os.stat(item.path)
-    except OSError:
-        return f"missing:{os.path.abspath(item.path)}"
-    return f"file:{os.path.realpath(item.path)}:{info.st_size}:{info.st_mtime_ns}"
+        real = os.path.realpath(item.path)
+    except (OSError, ValueError):  # ValueError: a NUL in the name
+        return f"missing:{_key_text(str(item.path))}"
+    return f"file:{_key_text(real)}:{info.st_size}:{info.st_mtime_ns}"
+
+
+def _key_text(text: str) -> str:
+    """``text`` itself when it is valid UTF-8, else an unambiguous ``b64:`` form of its exact
+    code points: a file name that is not UTF-8 (kept by surrogateescape) must still have one
+    key of its own, and SQLite stores only valid text. Real paths and URLs never start with
+    ``b64:``, so the two forms cannot collide."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return "b64:" + base64.b64encode(text.encode("utf-8", "surrogatepass")).decode("ascii")
+    return text
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -104,7 +118,11 @@ def in_shard(source: str, shard: tuple[int, int]) -> bool:
     """The shard is picked from the input as listed, so every machine agrees on it whatever
     its file system looks like."""
     index, count = shard
-    digest = hashlib.blake2b(source.encode("utf-8", "surrogateescape"), digest_size=8).digest()
+    try:
+        raw = source.encode("utf-8", "surrogateescape")  # the bytes as listed
+    except UnicodeEncodeError:
+        raw = source.encode("utf-8", "surrogatepass")
+    digest = hashlib.blake2b(raw, digest_size=8).digest()
     return int.from_bytes(digest, "big") % count == index
 
 
@@ -132,11 +150,25 @@ class StateStore:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        _create_private(path)
         self._db = _connect(path)
-        self._db.executescript(SCHEMA)
+        with self._readable():
+            self._db.executescript(SCHEMA)
 
     def close(self) -> None:
         self._db.close()
+
+    @contextlib.contextmanager
+    def _readable(self) -> Iterator[None]:
+        """Reading or setting up the state: a damaged file is a clear error, not a traceback."""
+        try:
+            yield
+        except sqlite3.DatabaseError as exc:
+            raise ConfigError(
+                f"the state {str(self.path)!r} is damaged ({exc}), so this run cannot continue "
+                "from it. Start over with --overwrite (every input is classified again), or "
+                "keep the outputs and start a new run with another --state"
+            ) from None
 
     def reader(self) -> StateReader:
         return StateReader(self.path)
@@ -157,10 +189,11 @@ class StateStore:
 
     def check_fingerprint(self, fingerprint: Fingerprint) -> None:
         """Adopt ``fingerprint`` in a new state; refuse a state made with other settings."""
-        stored = dict(self._db.execute("SELECT name, value FROM meta").fetchall())
+        with self._readable():
+            stored = dict(self._db.execute("SELECT name, value FROM meta").fetchall())
         wanted = fingerprint.items()
         if not stored:
-            with self._transaction():
+            with self._readable(), self._transaction():
                 self._db.executemany("INSERT INTO meta VALUES (?, ?)", wanted.items())
             return
         changed = [name for name, value in wanted.items() if stored.get(name) != value]
@@ -175,16 +208,28 @@ class StateStore:
     # --- results ---------------------------------------------------------------------------
 
     def count(self) -> int:
-        return int(self._db.execute("SELECT count(*) FROM results").fetchone()[0])
+        with self._readable():
+            return int(self._db.execute("SELECT count(*) FROM results").fetchone()[0])
 
     def record(self, results: Iterable[Result]) -> list[Result]:
         """Commit ``results`` in one transaction; returns those that were new (an input seen
-        twice in one run, e.g. listed twice, is stored and reported once)."""
+        twice in one run, e.g. listed twice, is stored and reported once). Raises
+        :class:`RunAborted` when the state cannot be written (a full disk, say): classifying
+        more would only pay for answers that cannot be kept."""
+        try:
+            return self._record(results)
+        except sqlite3.Error as exc:
+            raise RunAborted(
+                f"cannot write the state {str(self.path)!r}: {exc}. The results it holds are "
+                "safe: free some space, then run the same command with --resume"
+            ) from None
+
+    def _record(self, results: Iterable[Result]) -> list[Result]:
         new: list[Result] = []
         with self._transaction():
             for result in results:
                 if result.key is None:
-                    continue
+                    raise ValueError(f"a result without an input key: {result.source!r}")
                 cursor = self._db.execute(
                     "INSERT OR IGNORE INTO results (key, final, content_hash, record) "
                     "VALUES (?, ?, ?, ?)",
@@ -192,7 +237,7 @@ class StateStore:
                         result.key,
                         int(is_final(result)),
                         result.content_hash if result.ok else None,
-                        json.dumps(result.to_dict(), ensure_ascii=False, separators=(",", ":")),
+                        record_json(result),
                     ),
                 )
                 if cursor.rowcount:
@@ -206,16 +251,17 @@ class StateStore:
             if all_failures
             else "DELETE FROM results WHERE final = 0"
         )
-        with self._transaction():
+        with self._readable(), self._transaction():
             return self._db.execute(query).rowcount
 
     def records(self, *, skip: int = 0) -> Iterator[Result]:
         """Every stored result in commit order, from the ``skip``-th on."""
-        cursor = self._db.execute(
-            "SELECT record FROM results ORDER BY seq LIMIT -1 OFFSET ?", (skip,)
-        )
-        for (record,) in cursor:
-            yield Result.from_dict(json.loads(record))
+        with self._readable():
+            cursor = self._db.execute(
+                "SELECT record FROM results ORDER BY seq LIMIT -1 OFFSET ?", (skip,)
+            )
+            for (record,) in cursor:
+                yield Result.from_dict(json.loads(record))
 
     def lookup_content(self, content_hash: str) -> Result | None:
         """An ``ok`` result for these exact image bytes, if one was stored."""
@@ -275,7 +321,12 @@ class StateLock:
         self._fd: int | None = None
 
     def acquire(self) -> None:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot create the lock file {str(self.path)!r}: {exc.strerror}"
+            ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -294,6 +345,17 @@ class StateLock:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
+
+
+def _create_private(path: Path) -> None:
+    """Create the state file readable by its owner only: it names the endpoint and every
+    input. SQLite gives its -wal and -shm files the same mode."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise ConfigError(f"cannot create the state file {str(path)!r}: {exc.strerror}") from None
 
 
 def _connect(path: Path, *, check_same_thread: bool = True) -> sqlite3.Connection:

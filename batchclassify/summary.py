@@ -53,6 +53,8 @@ class RunStats:
     requests_sent: int = 0
     #: inputs answered from an identical copy instead of a request (content dedup)
     reused: int = 0
+    #: inputs taken but not classified because the run stopped (a resume does them)
+    not_started: int = 0
     interrupted: bool = False
     aborted: str | None = None
 
