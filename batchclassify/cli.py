@@ -14,11 +14,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from batchclassify import __version__, emulator, report
+from batchclassify import __version__, emulator, report, verify
 from batchclassify.config import ResolvedSettings, RunSettings, format_settings, resolve_settings
-from batchclassify.errors import ConfigError, RunAborted, redact
+from batchclassify.errors import ConfigError, RunAborted, redact, url_secrets
 from batchclassify.pipeline import Pipeline
 from batchclassify.runner import run
+from batchclassify.text import for_terminal
 
 EXIT_OK = 0
 EXIT_FAILED_ITEMS = 1
@@ -51,6 +52,13 @@ examples:
 
   # or keep running, scanning every 10 minutes until stopped
   batchclassify scan /data/incoming --model flowers-abc12/3 --out labels.jsonl --interval 600
+"""
+
+
+VERIFY_EPILOG = """\
+example:
+  batchclassify run photos/ --model flowers-abc12/3 --out results.jsonl --out results.csv
+  batchclassify verify photos/ --out results.jsonl --out results.csv
 """
 
 
@@ -102,6 +110,19 @@ def build_parser() -> argparse.ArgumentParser:
         "the same options as 'run'.",
     )
     add_run_arguments(show)
+
+    verify_parser = commands.add_parser(
+        "verify",
+        help="check a finished run: every input has its row, every output holds the state",
+        description="Check a run, with the same command line as the run itself ('run' replaced "
+        "by 'verify'): every output must hold exactly the rows of the state, in order, each "
+        "one whole and valid; and, when sources are given, every input must have a row. "
+        "Sends no request. Exit 0 when all holds, 1 when something is missing (--resume "
+        "completes it), 2 when the state cannot be read.",
+        epilog=VERIFY_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_run_arguments(verify_parser)
 
     report_parser = commands.add_parser(
         "report",
@@ -176,7 +197,17 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"base URL of the API (default {defaults.endpoint}); "
         "a self-hosted inference server is e.g. http://localhost:9001",
     )
-    what.add_argument("--api-key", help="API key (default: $ROBOFLOW_API_KEY); never printed")
+    what.add_argument(
+        "--api-key",
+        help="API key (default: $ROBOFLOW_API_KEY); never printed. Note: other users of this "
+        "machine can read a command line (ps): prefer ROBOFLOW_API_KEY or --api-key-file",
+    )
+    what.add_argument(
+        "--api-key-file",
+        metavar="PATH",
+        help="read the API key from this file (- for the first line of stdin); it wins over "
+        "ROBOFLOW_API_KEY",
+    )
     what.add_argument(
         "--confidence",
         type=float,
@@ -364,6 +395,14 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"abort when the server has been down this long (default {defaults.max_outage:g} s)",
     )
     speed.add_argument(
+        "--max-response-bytes",
+        type=int,
+        metavar="N",
+        help=f"read at most N bytes of an answer, decompressed (default "
+        f"{defaults.max_response_bytes}); a larger one fails its image (a classify answer is a "
+        "few KB)",
+    )
+    speed.add_argument(
         "--queue-size",
         type=int,
         metavar="N",
@@ -424,36 +463,39 @@ def main(argv: Sequence[str] | None = None) -> int:
         return emulator.serve_from_args(args)
     if args.command == "report":
         return _report_command(args)
-    secret: str | None = None
     try:
         resolved = settings_from_args(args, os.environ)
         settings = resolved.settings
-        secret = settings.api_key
-        _configure_logging(getattr(args, "verbose", 0), secret)
+        _secrets[:] = [key for key in (settings.api_key, *url_secrets(settings.endpoint)) if key]
+        _configure_logging(getattr(args, "verbose", 0))
         for warning in resolved.warnings:
             _say(warning)
         if args.command == "config":
-            print(redact(format_settings(resolved), secret))
+            print(_printable(format_settings(resolved)))
             return EXIT_OK
         if not settings.sources:
             raise ConfigError(
                 "no inputs: name folders, files, URLs or lists (or - for stdin), or set "
                 "'sources' in the --config file"
             )
+        if settings.api_key_file == "-" and "-" in settings.sources:
+            raise ConfigError("stdin cannot hold both the key (--api-key-file -) and the inputs")
+        if args.command == "verify":
+            return verify.verify_command(settings, say=_say)
         if args.command == "scan":
             settings = settings.updated(resume=True)
         sources = list(settings.sources)
         return asyncio.run(_run_command(sources, settings, scan=args.command == "scan"))
     except ConfigError as exc:
-        _say(f"error: {redact(str(exc), secret)}")
+        _say(f"error: {exc}")
         return EXIT_USAGE
     except RunAborted as exc:
-        _say(f"error: run stopped: {redact(str(exc), secret)}")
+        _say(f"error: run stopped: {exc}")
         return EXIT_USAGE
     except Exception:
         # A bug, or an environment problem nobody anticipated: show what happened (the key
         # scrubbed from the traceback too), and fail like a fatal error.
-        _say(redact(traceback.format_exc(), secret))
+        _say(traceback.format_exc())
         _say("error: internal error (a bug in batchclassify: please report the lines above)")
         return EXIT_USAGE
 
@@ -491,12 +533,13 @@ async def _run_job(sources: list[str], settings: RunSettings, *, scan: bool) -> 
                 progress=sys.stderr.isatty() if settings.progress is None else settings.progress,
                 summary_path=settings.summary,
                 on_start=interrupts.attach,
+                other_paths=settings.other_paths(),
             )
         except RunAborted as exc:
             if exc.stats is not None:
-                _say(redact(exc.stats.format(), settings.api_key))
+                _say(exc.stats.format())
             raise
-        _say(redact(stats.format(), settings.api_key))
+        _say(stats.format())
         if interrupts.received or not scan or settings.interval is None:
             break
         await interrupts.sleep(settings.interval)
@@ -569,30 +612,41 @@ def _report_command(args: argparse.Namespace) -> int:
 
 
 class _RedactingFilter(logging.Filter):
-    """Last line of defence: whatever a library logs, the key does not reach the terminal."""
-
-    def __init__(self, secret: str | None) -> None:
-        super().__init__()
-        self._secret = secret
+    """Last line of defence: whatever a library logs (tracebacks included), no secret and no
+    control character reaches the terminal."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        record.msg = redact(record.getMessage(), self._secret)
+        message = record.getMessage()
+        if record.exc_info:
+            message += "\n" + "".join(traceback.format_exception(*record.exc_info)).rstrip()
+            record.exc_info = None
+            record.exc_text = None
+        record.msg = _printable(message)
         record.args = None
         return True
 
 
-def _configure_logging(verbosity: int, secret: str | None) -> None:
+def _configure_logging(verbosity: int) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    handler.addFilter(_RedactingFilter(secret))
+    handler.addFilter(_RedactingFilter())
     level = logging.WARNING if verbosity == 0 else logging.INFO if verbosity == 1 else logging.DEBUG
     root = logging.getLogger()
     root.addHandler(handler)
     root.setLevel(level)
 
 
+#: this invocation's secrets (the key, the endpoint's credentials): never printed
+_secrets: list[str] = []
+
+
+def _printable(text: str) -> str:
+    """Secrets removed, control characters escaped: safe for a terminal."""
+    return for_terminal(redact(text, *_secrets))
+
+
 def _say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    print(_printable(message), file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

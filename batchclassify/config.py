@@ -21,7 +21,7 @@ import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 from urllib.parse import urlsplit
 
 if sys.version_info >= (3, 11):
@@ -29,9 +29,15 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-from batchclassify.client import DEFAULT_ENDPOINT, ClientOptions, parse_model
+from batchclassify.client import (
+    DEFAULT_ENDPOINT,
+    DEFAULT_MAX_RESPONSE_BYTES,
+    ClientOptions,
+    parse_model,
+)
 from batchclassify.errors import ConfigError
 from batchclassify.organize import OrganizeOptions, Organizer, OrganizeSink
+from batchclassify.paths import PlannedPath
 from batchclassify.pipeline import PipelineOptions
 from batchclassify.prepare import PrepareOptions
 from batchclassify.retry import RetryPolicy
@@ -61,6 +67,8 @@ class RunSettings:
     model: str | None = None
     endpoint: str = DEFAULT_ENDPOINT
     api_key: str | None = field(default=None, repr=False)
+    #: a file holding the key (``-``: standard input), so it is not on the command line
+    api_key_file: str | None = None
     out: tuple[str, ...] = ()
     overwrite: bool = False
     concurrency: int = 8
@@ -79,6 +87,7 @@ class RunSettings:
     adaptive: bool = True
     max_failures: int | None = None
     max_outage: float | None = 600.0
+    max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES
     max_size: int | None = None
     jpeg_quality: int = 90
     summary: str | None = None
@@ -104,6 +113,7 @@ class RunSettings:
         _check(self.rate is None or self.rate > 0, "rate", "must be positive")
         _check(self.max_failures is None or self.max_failures >= 1, "max_failures", ">= 1")
         _check(self.max_outage is None or self.max_outage > 0, "max_outage", "must be positive")
+        _check(self.max_response_bytes >= 1024, "max_response_bytes", "must be at least 1024")
         _check(self.max_size is None or self.max_size >= 16, "max_size", "must be >= 16 pixels")
         _check(1 <= self.jpeg_quality <= 100, "jpeg_quality", "must be between 1 and 100")
         _check(self.url_mode in ("auto", "reference", "fetch"), "url_mode", "auto|reference|fetch")
@@ -162,6 +172,7 @@ class RunSettings:
             connect_timeout=self.connect_timeout,
             concurrency=self.concurrency,
             retry=RetryPolicy(attempts=self.retries, max_wait=self.max_wait),
+            max_response_bytes=self.max_response_bytes,
         )
         return PipelineOptions(
             client=client,
@@ -193,6 +204,12 @@ class RunSettings:
             shard=parse_shard(self.shard) if self.shard else None,
             endpoint_label="built-in emulator" if self.emulate else None,
         )
+
+    def other_paths(self) -> list[PlannedPath]:
+        """Paths written besides outputs, state and summary, checked before the run."""
+        if self.organize is None:
+            return []
+        return [PlannedPath(Path(self.organize), f"--organize {self.organize}", folder=True)]
 
     def extra_sinks(self) -> list[Sink]:
         """Sinks that are not files of results (``--organize``)."""
@@ -263,6 +280,8 @@ def resolve_settings(
     command_line: Mapping[str, Any],
     environ: Mapping[str, str],
     config_path: Path | None = None,
+    *,
+    stdin: TextIO | None = None,
 ) -> ResolvedSettings:
     """Merge the sources of settings by precedence (see the module docstring)."""
     values: dict[str, Any] = {}
@@ -290,7 +309,40 @@ def resolve_settings(
     for name, value in command_line.items():
         values[name] = value
         origins[name] = "command line"
+    if values.get("api_key_file"):
+        _read_key_file(values, origins, warnings, stdin=stdin)
     return ResolvedSettings(RunSettings(**values), origins, tuple(warnings))
+
+
+def _read_key_file(
+    values: dict[str, Any], origins: dict[str, str], warnings: list[str], *, stdin: TextIO | None
+) -> None:
+    """``api_key_file`` names where the key is: it wins over ROBOFLOW_API_KEY, and giving it
+    beside ``--api-key`` on the command line is a mistake worth saying."""
+    name = values["api_key_file"]
+    if origins.get("api_key") == "command line" and origins["api_key_file"] == "command line":
+        raise ConfigError("give the key once: --api-key or --api-key-file, not both")
+    if name == "-":
+        text = (stdin or sys.stdin).readline()
+        where = "standard input"
+    else:
+        path = Path(name)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"cannot read --api-key-file {name!r}: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"--api-key-file {name!r} is not a text file") from None
+        where = f"file {name}"
+        if _readable_by_others(path):
+            warnings.append(
+                f"warning: the key file {name} can be read by other users: run 'chmod 600 {name}'"
+            )
+    key = text.strip()
+    if not key or any(char.isspace() for char in key):
+        raise ConfigError(f"--api-key-file: {where} does not hold one API key on one line")
+    values["api_key"] = key
+    origins["api_key"] = f"{where} (--api-key-file, from {origins['api_key_file']})"
 
 
 def _setting_types() -> dict[str, Any]:

@@ -29,7 +29,7 @@ from typing import Any, TextIO
 
 from tqdm import tqdm
 
-from batchclassify.errors import ConfigError, RunAborted
+from batchclassify.errors import ConfigError, RunAborted, without_userinfo
 from batchclassify.model import Item, Result
 from batchclassify.paths import PlannedPath, check_paths, state_companions
 from batchclassify.pipeline import Pipeline, PipelineOptions
@@ -395,7 +395,7 @@ def _open_state(
     store.check_fingerprint(
         Fingerprint(
             model=f"{client.model}/{client.version}",
-            endpoint=state.endpoint_label or client.endpoint.rstrip("/"),
+            endpoint=state.endpoint_label or without_userinfo(client.endpoint).rstrip("/"),
             confidence=str(client.confidence),
             max_size=str(options.prepare.max_size),
         )

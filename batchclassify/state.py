@@ -282,6 +282,21 @@ class StateReader:
             self._db.execute("SELECT 1 FROM results WHERE key = ?", (key,)).fetchone() is not None
         )
 
+    def status(self, key: str) -> str | None:
+        """The stored status of an input (``ok``/``error``), ``None`` when it has no row."""
+        row = self._db.execute(
+            "SELECT json_extract(record, '$.status') FROM results WHERE key = ?", (key,)
+        ).fetchone()
+        return None if row is None else str(row[0])
+
+    def count(self) -> int:
+        return int(self._db.execute("SELECT count(*) FROM results").fetchone()[0])
+
+    def record_texts(self) -> Iterator[str]:
+        """Every stored record as its JSON text, in commit order."""
+        for (record,) in self._db.execute("SELECT record FROM results ORDER BY seq"):
+            yield str(record)
+
     def close(self) -> None:
         self._db.close()
 
