@@ -57,7 +57,7 @@ def parse_answer(body: bytes) -> Answer:
     except ValueError as exc:  # JSONDecodeError, NaN/Infinity, integers with 4300+ digits
         _malformed(f"the body is not valid JSON ({exc}): {snippet(body, 120)!r}")
     if not isinstance(data, dict):
-        _malformed(f"the answer is a JSON {_kind(data)}, not an object")
+        _malformed(f"the answer is {_kind(data)}, not a JSON object")
     raw = data.get("predictions")
     if isinstance(raw, list):
         predictions, top, confidence = _single_label(raw, data)
@@ -76,7 +76,7 @@ def parse_answer(body: bytes) -> Answer:
     elif "predictions" not in data:
         _malformed("the answer has no 'predictions'")
     else:
-        _malformed(f"'predictions' is a {_kind(raw)}, not a list or an object")
+        _malformed(f"'predictions' is {_kind(raw)}, not a list or an object")
     return Answer(
         top=top,
         confidence=confidence,
@@ -111,7 +111,7 @@ def _single_label(raw: list[Any], data: dict[str, Any]) -> tuple[dict[str, float
     predictions: dict[str, float] = {}
     for number, entry in enumerate(raw):
         if not isinstance(entry, dict):
-            _malformed(f"predictions[{number}] is a {_kind(entry)}, not an object")
+            _malformed(f"predictions[{number}] is {_kind(entry)}, not an object")
         name = _class_name(entry.get("class"))
         field = f"predictions[{number}].confidence"
         predictions[name] = _probability(entry.get("confidence"), field)
@@ -129,7 +129,7 @@ def _single_label(raw: list[Any], data: dict[str, Any]) -> tuple[dict[str, float
 
 def _class_name(value: Any, *, field: str = "class") -> str:
     if not isinstance(value, str):
-        _malformed(f"a {field} is a {_kind(value)}, not a string")
+        _malformed(f"a {field} is {_kind(value)}, not a string")
     if not value:
         _malformed(f"a {field} is an empty string")
     return _checked_text(value, field)
@@ -139,7 +139,7 @@ def _class_list(value: Any) -> list[str]:
     if value is None:
         return []
     if not isinstance(value, list):
-        _malformed(f"'predicted_classes' is a {_kind(value)}, not a list")
+        _malformed(f"'predicted_classes' is {_kind(value)}, not a list")
     return [_class_name(name, field="predicted class") for name in value]
 
 
@@ -155,7 +155,7 @@ def _checked_text(value: str, field: str) -> str:
 
 def _probability(value: Any, field: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        _malformed(f"{field} is a {_kind(value)}, not a number")
+        _malformed(f"{field} is {_kind(value)}, not a number")
     number = float(value)
     if not (math.isfinite(number) and 0.0 <= number <= 1.0):
         _malformed(f"{field} is {value!r}, outside [0, 1]")
@@ -166,14 +166,14 @@ def _image(value: Any) -> dict[str, int] | None:
     if value is None:
         return None
     if not isinstance(value, dict):
-        _malformed(f"'image' is a {_kind(value)}, not an object")
+        _malformed(f"'image' is {_kind(value)}, not an object")
     size: dict[str, int] = {}
     for side in ("width", "height"):
         number = value.get(side)
         if number is None:
             continue
         if isinstance(number, bool) or not isinstance(number, int):
-            _malformed(f"image.{side} is a {_kind(number)}, not an integer")
+            _malformed(f"image.{side} is {_kind(number)}, not an integer")
         if not 0 <= number <= MAX_IMAGE_SIDE:
             _malformed(f"image.{side} is {number}, not a plausible size")
         size[side] = number
@@ -184,7 +184,7 @@ def _optional_text(value: Any, field: str) -> str | None:
     if value is None:
         return None
     if not isinstance(value, str):
-        _malformed(f"{field} is a {_kind(value)}, not a string")
+        _malformed(f"{field} is {_kind(value)}, not a string")
     return _checked_text(value, field)
 
 
@@ -192,7 +192,7 @@ def _seconds(value: Any) -> float | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        _malformed(f"time is a {_kind(value)}, not a number")
+        _malformed(f"time is {_kind(value)}, not a number")
     number = float(value)
     if not (math.isfinite(number) and number >= 0):
         _malformed(f"time is {value!r}, not a duration")
@@ -210,12 +210,12 @@ def _malformed(message: str) -> NoReturn:
 def _kind(value: Any) -> str:
     return {
         type(None): "null",
-        bool: "boolean",
-        int: "number",
-        float: "number",
-        str: "string",
-        list: "list",
-        dict: "object",
+        bool: "a boolean",
+        int: "a number",
+        float: "a number",
+        str: "a string",
+        list: "a list",
+        dict: "an object",
     }.get(type(value), type(value).__name__)
 
 

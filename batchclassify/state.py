@@ -164,11 +164,7 @@ class StateStore:
         try:
             yield
         except sqlite3.DatabaseError as exc:
-            raise ConfigError(
-                f"the state {str(self.path)!r} is damaged ({exc}), so this run cannot continue "
-                "from it. Start over with --overwrite (every input is classified again), or "
-                "keep the outputs and start a new run with another --state"
-            ) from None
+            raise _damaged(self.path, exc) from None
 
     def reader(self) -> StateReader:
         return StateReader(self.path)
@@ -382,5 +378,13 @@ def _connect(path: Path, *, check_same_thread: bool = True) -> sqlite3.Connectio
         db.execute("PRAGMA synchronous=NORMAL")
         db.execute("PRAGMA busy_timeout=5000")
     except sqlite3.DatabaseError as exc:
-        raise ConfigError(f"cannot use state file {str(path)!r}: {exc}") from None
+        raise _damaged(path, exc) from None
     return db
+
+
+def _damaged(path: Path, exc: sqlite3.DatabaseError) -> ConfigError:
+    return ConfigError(
+        f"the state {str(path)!r} is damaged or not a state ({exc}), so no run can continue "
+        "from it. Start over with --overwrite (every input is classified again), or keep the "
+        "outputs and start a new run with another --state"
+    )

@@ -108,7 +108,7 @@ def test_fingerprint_is_adopted_then_enforced(tmp_path: Path) -> None:
 def test_a_corrupt_state_file_is_a_clear_error(tmp_path: Path) -> None:
     path = tmp_path / "s.state"
     path.write_bytes(b"this is not a database" * 100)
-    with pytest.raises(ConfigError, match="cannot use state file"):
+    with pytest.raises(ConfigError, match="is damaged or not a state"):
         StateStore(path)
 
 
