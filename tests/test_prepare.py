@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import os
+import tracemalloc
+import zlib
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -438,3 +440,312 @@ def test_bad_options_are_config_errors() -> None:
 
 def test_default_workers() -> None:
     assert 1 <= default_workers() <= (os.cpu_count() or 1)
+
+
+# --- hostile metadata: refused from a cheap walk of the structure, before Pillow parses it ----
+
+_KB = 1024
+_MB = 1024 * 1024
+FULL_SEGMENT = 65533  # the largest JPEG segment payload
+EXIF_START = b"Exif\x00\x00"
+
+
+def segment(marker: int, payload: bytes = b"") -> bytes:
+    """A JPEG marker segment: FF, marker, 2-byte big-endian length (counting itself), payload."""
+    return bytes([0xFF, marker]) + (len(payload) + 2).to_bytes(2, "big") + payload
+
+
+def jpeg_with(*segments: bytes) -> bytes:
+    """A real small JPEG with ``segments`` inserted right after SOI (before its own JFIF)."""
+    data = encode(photo((64, 48)), "JPEG")
+    return data[:2] + b"".join(segments) + data[2:]
+
+
+def sparse_jpeg(path: Path, count: int, marker: int = 0xE1, start: bytes = EXIF_START) -> Path:
+    """:func:`jpeg_with` ``count`` full-size segments written straight to ``path``; their
+    payloads after ``start`` are holes, so 100 MB of metadata takes little disk."""
+    data = encode(photo((64, 48)), "JPEG")
+    with path.open("wb") as out:
+        out.write(data[:2])
+        for _ in range(count):
+            out.write(bytes([0xFF, marker]) + (FULL_SEGMENT + 2).to_bytes(2, "big") + start)
+            out.seek(FULL_SEGMENT - len(start), os.SEEK_CUR)
+        out.write(data[2:])
+    return path
+
+
+def chunk(kind: bytes, payload: bytes = b"") -> bytes:
+    """A PNG chunk: length, type, payload, CRC."""
+    crc = zlib.crc32(kind + payload).to_bytes(4, "big")
+    return len(payload).to_bytes(4, "big") + kind + payload + crc
+
+
+def png_with(*chunks: bytes, after_image: bool = False) -> bytes:
+    """A real small PNG with ``chunks`` right after IHDR (or, ``after_image``, before IEND)."""
+    data = encode(photo((64, 48)), "PNG")
+    at = data.index(b"IEND") - 4 if after_image else 8 + 25  # signature, IHDR chunk
+    return data[:at] + b"".join(chunks) + data[at:]
+
+
+def gif_with(extension: bytes) -> bytes:
+    """A real small GIF with ``extension`` before its image descriptor."""
+    data = encode(solid((40, 30), RED).convert("P"), "GIF")
+    flags = data[10]
+    at = 13 + ((3 << ((flags & 7) + 1)) if flags & 0x80 else 0)  # after the global palette
+    return data[:at] + extension + data[at:]
+
+
+def gif_comment(*blocks: bytes) -> bytes:
+    """A GIF comment extension made of the given sub-blocks (each at most 255 bytes)."""
+    return b"!\xfe" + b"".join(bytes([len(block)]) + block for block in blocks) + b"\x00"
+
+
+@pytest.fixture
+def pillow_opens(monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """Every file ``Image.open`` is asked to parse during the test."""
+    calls: list[object] = []
+    real_open = Image.open
+
+    def spy(fp: object, *args: object, **kwargs: object) -> object:
+        calls.append(fp)
+        return real_open(fp, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Image, "open", spy)
+    return calls
+
+
+def refusal(path: Path, options: PrepareOptions = DEFAULT) -> InputError:
+    """The error for ``path``, which must be the same when its bytes come from a download."""
+    with pytest.raises(InputError) as from_file:
+        prepare_file(path, options)
+    with pytest.raises(InputError) as from_bytes:
+        prepare_bytes(path.read_bytes(), options, name=path.name)
+    assert (from_bytes.value.kind, str(from_bytes.value)) == (
+        from_file.value.kind,
+        str(from_file.value),
+    )
+    return from_file.value
+
+
+@pytest.mark.parametrize("options", [DEFAULT, PrepareOptions(max_size=640)], ids=["keep", "shrink"])
+def test_100_mb_of_exif_is_refused_before_reading_or_parsing(
+    tmp_path: Path, options: PrepareOptions, pillow_opens: list[object]
+) -> None:
+    """The case found on main: 48 s and 560 MB inside Image.open before the size check."""
+    path = sparse_jpeg(tmp_path / "big.jpg", 1600)
+    assert path.stat().st_size > 100 * 1000 * 1000
+    tracemalloc.start()
+    try:
+        with pytest.raises(InputError) as info:
+            prepare_file(path, options)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert info.value.kind == "too_large"
+    assert str(info.value) == (
+        "big.jpg: 100.0 MB of metadata in 1601 JPEG APPn/COM segments, over the 16.0 MB limit; "
+        "not parsed"
+    )
+    assert pillow_opens == []
+    assert peak < 2 * _MB  # the header walk's few small reads, not the 100 MB file
+
+
+@pytest.mark.parametrize("marker", [0xE1, 0xE2, 0xED, 0xFE], ids=["APP1", "APP2", "APP13", "COM"])
+def test_more_jpeg_metadata_than_the_limit_is_refused(
+    tmp_path: Path, marker: int, pillow_opens: list[object]
+) -> None:
+    count = prepare.MAX_METADATA_BYTES // FULL_SEGMENT + 1  # just over, in full-size segments
+    path = sparse_jpeg(tmp_path / "meta.jpg", count, marker, start=b"")
+    for options in (DEFAULT, PrepareOptions(max_size=640)):
+        error = refusal(path, options)
+        assert error.kind == "too_large"
+        assert f"16.1 MB of metadata in {count + 1} JPEG APPn/COM segments" in str(error)
+    assert pillow_opens == []
+
+
+def test_exif_over_its_own_limit_is_refused(tmp_path: Path) -> None:
+    """Pillow joins EXIF segments one by one (quadratic); the standard allows one of 64 KB."""
+    count = prepare.MAX_EXIF_BYTES // FULL_SEGMENT + 1
+    path = sparse_jpeg(tmp_path / "exif.jpg", count)
+    error = refusal(path, PrepareOptions(max_size=640))
+    assert error.kind == "too_large"
+    assert f"of EXIF data in {count} APP1 segments, over the 1.0 MB limit" in str(error)
+
+
+@pytest.mark.parametrize(
+    "prefix",
+    [b"", b"\xff\xd8", b"\xff\xf0", b"\xff\xff\xff"],
+    ids=["plain", "after-SOI", "after-JPG0", "after-fill-bytes"],
+)
+def test_thousands_of_empty_jpeg_segments_are_refused(tmp_path: Path, prefix: bytes) -> None:
+    """Tiny but 5000 of them (Pillow: ~1.5 µs each). Pillow reads no length after SOI or JPG0:
+    neither may the walk, or it could be steered past the segments that follow."""
+    path = tmp_path / "many.jpg"
+    path.write_bytes(jpeg_with(prefix, *[segment(0xE5)] * 5000))
+    assert path.stat().st_size < 25 * _KB
+    error = refusal(path, PrepareOptions(max_size=640))
+    assert error.kind == "corrupt"
+    assert "more than 4096 JPEG APPn/COM segments" in str(error)
+
+
+@pytest.mark.parametrize(
+    "table",
+    [
+        segment(0xDB, (b"\x00" + bytes(range(1, 65))) * 1008),  # DQT: 1008 quantization tables
+        segment(0xC0, b"\x08\x00\x30\x00\x40\x03" + b"\x01\x11\x00" * 21_000),  # SOF0
+    ],
+    ids=["DQT", "SOF"],
+)
+def test_oversized_jpeg_coding_tables_are_refused(tmp_path: Path, table: bytes) -> None:
+    """Pillow parses DQT and SOF in Python; 1600 such segments took it 3-13 s (and 3 GB)."""
+    path = tmp_path / "tables.jpg"
+    path.write_bytes(jpeg_with(table, table))
+    error = refusal(path, PrepareOptions(max_size=640))
+    assert error.kind == "too_large"
+    assert "of coding tables in" in str(error)
+    assert "over the 64.0 KB limit" in str(error)
+
+
+def test_ordinary_metadata_still_passes(tmp_path: Path, pillow_opens: list[object]) -> None:
+    """EXIF with an orientation tag, a 1 MB ICC profile (17 APP2 segments), 60 KB of XMP."""
+    exif = Image.Exif()
+    exif[ORIENTATION] = 1
+    exif[0x010F] = "Camera maker"
+    exif[0x0132] = "2024:05:01 12:00:00"
+    path = save(
+        photo((120, 80)),
+        tmp_path / "camera.jpg",
+        "JPEG",
+        exif=exif,
+        icc_profile=os.urandom(_MB),
+        xmp=b"<x:xmpmeta>" + b" " * (60 * _KB) + b"</x:xmpmeta>",
+    )
+    with Image.open(path) as stored:
+        assert len([1 for kind, _ in stored.applist if kind == "APP2"]) == 17
+    pillow_opens.clear()
+    prepared = prepare_file(path, DEFAULT)
+    assert prepared.data == path.read_bytes()
+    assert not prepared.converted
+    assert len(pillow_opens) == 1
+    assert_converted_jpeg(prepare_file(path, PrepareOptions(max_size=60)), (60, 40))
+
+
+def test_exif_just_under_its_limit_still_passes(tmp_path: Path) -> None:
+    path = sparse_jpeg(tmp_path / "exif.jpg", prepare.MAX_EXIF_BYTES // FULL_SEGMENT - 1)
+    assert_converted_jpeg(prepare_file(path, PrepareOptions(max_size=32)), (32, 24))
+
+
+@pytest.mark.parametrize(
+    ("chunks", "after_image"),
+    [
+        ([chunk(b"eXIf", b"MM\x00*\x00\x00\x00\x08" + bytes(17 * _MB))], False),
+        ([chunk(b"eXIf", b"MM\x00*\x00\x00\x00\x08" + bytes(17 * _MB))], True),
+        ([chunk(b"tEXt", b"Comment\x00" + b"a" * (17 * _MB))], False),
+        ([chunk(b"prVt", bytes(60_000))] * 300, True),
+    ],
+    ids=["eXIf", "eXIf-after-image-data", "tEXt", "private-chunks-after-image-data"],
+)
+def test_more_png_metadata_than_the_limit_is_refused(
+    tmp_path: Path, chunks: list[bytes], after_image: bool, pillow_opens: list[object]
+) -> None:
+    path = tmp_path / "meta.png"
+    path.write_bytes(png_with(*chunks, after_image=after_image))
+    for options in (DEFAULT, PrepareOptions(max_size=32)):
+        error = refusal(path, options)
+        assert error.kind == "too_large"
+        assert "MB of metadata in" in str(error)
+        assert "PNG chunks besides image data, over the 16.0 MB limit" in str(error)
+    assert pillow_opens == []
+
+
+def test_thousands_of_empty_png_chunks_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "many.png"
+    path.write_bytes(png_with(*[chunk(b"prVt")] * 5000))
+    error = refusal(path)
+    assert error.kind == "corrupt"
+    assert "more than 4096 PNG chunks besides image data" in str(error)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda z: chunk(b"iCCP", b"profile\x00\x00" + z),
+        lambda z: chunk(b"zTXt", b"\x00\x00" + z),  # no keyword: Pillow counts no text memory
+        lambda z: chunk(b"iTXt", b"k\x00\x01\x00\x00\x00" + z),  # not UTF-8: not counted either
+    ],
+    ids=["iCCP", "zTXt-without-keyword", "iTXt-not-utf8"],
+)
+def test_many_small_chunks_that_inflate_are_refused(
+    tmp_path: Path, make: Callable[[bytes], bytes]
+) -> None:
+    """Each inflates to 1 MiB (Pillow's MAX_TEXT_CHUNK) but escapes its MAX_TEXT_MEMORY: 4000 of
+    them, 4 MB of file, took Pillow 8-14 s."""
+    inflates = zlib.compress(b"\xff" * (_MB - 1), 9)
+    path = tmp_path / "inflate.png"
+    path.write_bytes(png_with(*[make(inflates)] * 100))
+    assert path.stat().st_size < 200 * _KB
+    error = refusal(path)
+    assert error.kind == "corrupt"
+    assert "more than 64 compressed PNG chunks" in str(error)
+
+
+def test_pillows_own_png_text_limit_still_applies(tmp_path: Path) -> None:
+    """One zTXt chunk inflating past MAX_TEXT_CHUNK: Pillow stops inflating and raises."""
+    path = tmp_path / "bomb.png"
+    path.write_bytes(png_with(chunk(b"zTXt", b"k\x00\x00" + zlib.compress(bytes(8 * _MB), 9))))
+    assert path.stat().st_size < 20 * _KB
+    assert kind_of(path) == "corrupt"
+
+
+def test_thousands_of_empty_idat_chunks_are_refused(tmp_path: Path) -> None:
+    """Pillow fetches each IDAT chunk in Python while decoding (a million: 0.9 s)."""
+    data = encode(photo((64, 48)), "PNG")
+    first = data.index(b"IDAT") - 4
+    path = tmp_path / "idat.png"
+    path.write_bytes(data[:first] + chunk(b"IDAT") * 140_000 + data[first:])
+    error = refusal(path, PrepareOptions(max_size=32))
+    assert error.kind == "corrupt"
+    assert "more than 131072 PNG image data chunks" in str(error)
+
+
+def test_gif_comment_in_thousands_of_sub_blocks_is_refused(tmp_path: Path) -> None:
+    """Pillow keeps each sub-block as a bytes object: 10 MB in 1-byte blocks took 450 MB."""
+    path = tmp_path / "comment.gif"
+    path.write_bytes(gif_with(gif_comment(*[b"a"] * 70_000)))
+    error = refusal(path)
+    assert error.kind == "corrupt"
+    assert "more than 65536 GIF extension sub-blocks" in str(error)
+
+
+def test_gif_with_a_long_comment_still_converts(tmp_path: Path) -> None:
+    """Pillow copied a GIF's comment into the JPEG it wrote, and refused one over 64 KB."""
+    path = tmp_path / "comment.gif"
+    path.write_bytes(gif_with(gif_comment(*[b"a" * 255] * 400)))  # 100 KB
+    image = assert_converted_jpeg(prepare_file(path, DEFAULT), (40, 30))
+    assert "comment" not in image.info
+
+
+def test_webp_with_more_metadata_than_the_limit_is_refused(
+    tmp_path: Path, pillow_opens: list[object]
+) -> None:
+    """libwebp parses in C, but Pillow copies the file and each chunk: 100 MB of EXIF, 400 MB."""
+    path = save(photo((40, 30)), tmp_path / "a.webp", "WEBP", exif=EXIF_START + bytes(17 * _MB))
+    error = refusal(path, PrepareOptions(max_size=32))
+    assert error.kind == "too_large"
+    assert "MB of metadata in 1 WebP metadata chunks, over the 16.0 MB limit" in str(error)
+    assert pillow_opens == []
+
+
+def test_size_alone_does_not_refuse_what_re_encoding_can_shrink(tmp_path: Path) -> None:
+    """Without max_size, a file over the upload limit that is not sent as it is gets converted."""
+    path = save(solid((300, 200), BLUE), tmp_path / "raw.tiff", "TIFF")
+    options = PrepareOptions(max_upload_bytes=path.stat().st_size // 10)
+    assert_converted_jpeg(prepare_file(path, options), (300, 200))
+
+
+def test_reading_stops_at_the_limit_even_if_the_file_grows() -> None:
+    """fstat() said 10 bytes, but the file grew meanwhile: at most limit + 1 bytes are read."""
+    assert prepare._read_at_most(io.BytesIO(b"x" * 10), 10, 50) == b"x" * 10
+    assert prepare._read_at_most(io.BytesIO(b"x" * 30), 10, 50) == b"x" * 30
+    assert prepare._read_at_most(io.BytesIO(b"x" * 10**6), 10, 50) == b"x" * 51
+    assert prepare._read_at_most(io.BytesIO(b"x" * 5), 10, 50) == b"x" * 5  # it shrank
