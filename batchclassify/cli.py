@@ -392,7 +392,8 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-outage",
         type=float,
         metavar="S",
-        help=f"abort when the server has been down this long (default {defaults.max_outage:g} s)",
+        help="abort when no request has succeeded for this long, whatever the server answers "
+        f"(default {defaults.max_outage:g} s)",
     )
     speed.add_argument(
         "--max-response-bytes",

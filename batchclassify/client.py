@@ -157,8 +157,18 @@ class ClassifyClient:
             wait=wait_honouring_retry_after(multiplier=policy.initial, max=policy.max_wait),
             retry=retry_if_exception(is_transient),
             before_sleep=self._log_retry,
+            sleep=self._sleep,
             reraise=True,
         )
+
+    async def _sleep(self, seconds: float) -> None:
+        """The backoff between attempts: through the throttle when there is one, so that it
+        ends (with RunAborted) once the run has made no progress for --max-outage instead of
+        sleeping through a long Retry-After."""
+        if self._throttle is not None:
+            await self._throttle.sleep(seconds)
+        else:
+            await asyncio.sleep(seconds)
 
     def _log_retry(self, state: RetryCallState) -> None:
         if not log.isEnabledFor(logging.INFO):
@@ -208,7 +218,12 @@ class ClassifyClient:
         except RequestError as exc:
             if throttle is not None:
                 if is_transient(exc):
-                    throttle.failure(ticket, status=exc.http_status, retry_after=exc.retry_after)
+                    throttle.failure(
+                        ticket,
+                        status=exc.http_status,
+                        retry_after=exc.retry_after,
+                        reason=_failure_reason(exc),
+                    )
                 else:
                     throttle.release()
             raise
@@ -310,6 +325,14 @@ class ClassifyClient:
         name = type(exc).__name__
         text = str(exc) or name
         return self.redact(f"{name}: {text}" if text != name else name)
+
+
+def _failure_reason(exc: RequestError) -> str:
+    """A few words naming a failure for the throttle's abort message: "HTTP 429", "timeout",
+    "connection", "malformed_response"."""
+    if exc.http_status is not None and exc.http_status != 200:
+        return f"HTTP {exc.http_status}"
+    return exc.kind
 
 
 async def read_body(

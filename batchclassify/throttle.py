@@ -1,4 +1,5 @@
-"""How fast the run may send: a fixed ceiling, an adaptive rate, a shared cooldown, an outage gate.
+"""How fast the run may send: a fixed ceiling, an adaptive rate, a shared cooldown, an outage gate,
+and when to give up.
 
 Every attempt passes :meth:`Throttle.acquire` before it is sent and reports back how it went:
 
@@ -13,8 +14,17 @@ Every attempt passes :meth:`Throttle.acquire` before it is sent and reports back
   one that got it.
 - When the server looks down (many consecutive connection errors, timeouts or 5xx with no
   success in between) the gate closes: workers wait instead of burning their retries, and one
-  probe request at a time is let through with growing intervals until one succeeds. If the outage
-  lasts longer than ``max_outage`` seconds the run is aborted.
+  probe request at a time is let through with growing intervals until one succeeds.
+- No progress for ``max_outage`` seconds aborts the run (:class:`RunAborted`), whatever the
+  failures were: 429s (which never close the gate: the server is up), 5xx, timeouts, dropped
+  connections. The clock starts with the first failed attempt after the last success -- at the
+  time that attempt was sent, so a hung request's wait counts, but never before that success or
+  the start of the run; a run that has not failed since its last success (idle, say, waiting on
+  slow input) never aborts. The abort is on time: every wait in :meth:`~Throttle.acquire` (gate,
+  cooldown, pacing, ceiling) ends at the deadline, however long ``Retry-After`` asked for, and
+  :meth:`~Throttle.sleep` is the same bounded wait for the retry backoff between attempts, which
+  happens outside the throttle. Only a request already on the wire is not interrupted: it ends
+  by its own timeout, and the next call into the throttle raises.
 """
 
 from __future__ import annotations
@@ -41,7 +51,8 @@ class ThrottleOptions:
     adaptive: bool = True
     #: consecutive failures (no success between) that mean "the server is down"
     outage_after: int = 16
-    #: give up when the server has been down for this long (seconds); ``None`` waits forever
+    #: abort when no request has succeeded for this long (seconds) after one failed, whatever
+    #: the failures; ``None`` waits forever
     max_outage: float | None = 600.0
     #: the adaptive rate never drops below this (requests/s)
     min_rate: float = 0.2
@@ -61,7 +72,10 @@ class Throttle:
     def __init__(self, options: ThrottleOptions | None = None) -> None:
         self.options = options or ThrottleOptions()
         rate = self.options.rate
-        self._ceiling = AsyncLimiter(rate, 1.0) if rate else None
+        self._ceiling: AsyncLimiter | None = None
+        if rate:
+            # A bucket must hold at least one request: below 1/s, one per 1/rate seconds.
+            self._ceiling = AsyncLimiter(rate, 1.0) if rate >= 1 else AsyncLimiter(1, 1.0 / rate)
         self._loop = asyncio.get_running_loop()
         self._rate = math.inf
         self._rate_at_cut = math.inf
@@ -75,13 +89,21 @@ class Throttle:
         self._sent_times: deque[float] = deque()
         self._consecutive_failures = 0
         self._outage_since: float | None = None
-        self._gate_open = asyncio.Event()
-        self._gate_open.set()
         self._probe_in_flight = False
         self._probe_delay = self.options.first_probe_delay
         self._next_probe = 0.0
         self.throttled = 0
         self.cuts = 0
+        # Progress: the last success, or the start of the run. The abort clock runs from
+        # `_stalled_since` (None while nothing has failed since that progress).
+        self._last_progress = self._loop.time()
+        self._stalled_since: float | None = None
+        self._failed_attempts = 0
+        self._last_error = ""
+        self._abort_message: str | None = None
+        # Set (and replaced by a fresh one) when waiters must re-check at once: a stall began, so
+        # a deadline now bounds their wait; the gate opened; the run was aborted.
+        self._changed = asyncio.Event()
 
     @property
     def rate(self) -> float:
@@ -92,19 +114,79 @@ class Throttle:
     def in_outage(self) -> bool:
         return self._outage_since is not None
 
+    @property
+    def deadline(self) -> float | None:
+        """Event-loop time (``loop.time()``) at which the run aborts unless a request succeeds
+        first; ``None`` while nothing has failed since the last success (or without
+        ``max_outage``)."""
+        limit = self.options.max_outage
+        if limit is None or self._stalled_since is None:
+            return None
+        return self._stalled_since + limit
+
+    def check(self) -> None:
+        """Raise :class:`RunAborted` if the run has made no progress for ``max_outage`` seconds.
+        Once raised, it is raised on every later call (by every worker): the run is over even if
+        a straggling request succeeds afterwards."""
+        if self._abort_message is None:
+            deadline = self.deadline
+            if deadline is None or self._loop.time() < deadline:
+                return
+            self._abort()
+        assert self._abort_message is not None
+        # A fresh exception per raise: one instance raised in many tasks would pile up tracebacks.
+        raise RunAborted(self._abort_message)
+
+    async def sleep(self, seconds: float) -> None:
+        """``asyncio.sleep`` for the backoff between attempts: it raises :class:`RunAborted` at
+        the deadline instead of sleeping through it (a 300 s ``Retry-After`` must not hold the
+        abort back). Meant as tenacity's ``sleep=``."""
+        end = self._loop.time() + seconds
+        self.check()
+        if seconds <= 0:
+            await asyncio.sleep(0)  # as asyncio.sleep(0) does: let the other tasks run
+            return
+        while self._loop.time() < end:
+            await self._wait(end)
+
     async def acquire(self) -> float:
         """Wait until one more request may be sent; returns a ticket (the send time) to hand
-        back to :meth:`success`, :meth:`failure` or :meth:`release`."""
+        back to :meth:`success`, :meth:`failure` or :meth:`release`. Raises
+        :class:`RunAborted` once the run has made no progress for ``max_outage`` seconds."""
+        self.check()
         await self._pass_gate()
-        # A loop, not one sleep: another 429 may push the cooldown further while we wait.
-        while (delay := self._resume_at - self._loop.time()) > 0:  # noqa: ASYNC110
-            await asyncio.sleep(delay)
+        # A loop, not one wait: another 429 may push the cooldown further while we wait.
+        while self._loop.time() < self._resume_at:
+            await self._wait(self._resume_at)
         await self._pace()
         if self._ceiling is not None:
-            await self._ceiling.acquire()
+            await self._take_ceiling(self._ceiling)
         now = self._loop.time()
         _record(self._sent_times, now, self.options.window)
         return now
+
+    async def _wait(self, until: float) -> None:
+        """Wait until loop time ``until`` or the deadline, whichever is first, or until woken by
+        a change (the caller re-checks its condition and calls again); raise
+        :class:`RunAborted` once the deadline has passed."""
+        self.check()
+        deadline = self.deadline
+        delay = (until if deadline is None else min(until, deadline)) - self._loop.time()
+        if delay > 0:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), delay)
+        self.check()
+
+    async def _take_ceiling(self, ceiling: AsyncLimiter) -> None:
+        """The ``--rate`` ceiling's wait, cut short at the deadline (a low ``--rate`` spaces
+        sends far apart)."""
+        while (deadline := self.deadline) is not None:
+            try:
+                await asyncio.wait_for(ceiling.acquire(), max(deadline - self._loop.time(), 0.0))
+                return
+            except asyncio.TimeoutError:
+                self.check()  # the timer may fire a hair early: then wait again
+        await ceiling.acquire()
 
     async def _pace(self) -> None:
         """Space sends ``1/rate`` apart. No slot is reserved ahead: a waiter re-checks after its
@@ -118,21 +200,40 @@ class Throttle:
                 base = self._next_slot if now - self._next_slot < interval else now
                 self._next_slot = base + interval
                 return
-            await asyncio.sleep(self._next_slot - now)
+            await self._wait(self._next_slot)
 
     def success(self, ticket: float) -> None:
         now = self._loop.time()
         _record(self._ok_times, now, self.options.window)
+        self._last_progress = now
+        self._stalled_since = None
+        self._failed_attempts = 0
         self._consecutive_failures = 0
         if self._outage_since is not None:
             self._end_outage()
         if self._rate != math.inf and self.options.adaptive:
             self._raise_rate(now)
 
-    def failure(self, ticket: float, *, status: int | None, retry_after: float | None) -> None:
+    def failure(
+        self,
+        ticket: float,
+        *,
+        status: int | None,
+        retry_after: float | None,
+        reason: str | None = None,
+    ) -> None:
         """Report a transient failure: ``status`` is the HTTP status, ``None`` for a timeout or
-        a connection error."""
+        a connection error; ``reason`` a few words for the abort message (``"HTTP 429"``,
+        ``"timeout"``), derived from ``status`` when not given."""
         now = self._loop.time()
+        self._failed_attempts += 1
+        self._last_error = _describe(status, reason)
+        if self._stalled_since is None:
+            # Nothing has succeeded since this attempt was sent: count from then (a hung
+            # request's wait is time without progress), but not from before the last success or
+            # the start of the run -- a failure ends no progress made before it.
+            self._stalled_since = min(now, max(ticket, self._last_progress))
+            self._notify()  # waiters are now bounded by a deadline: let them recompute
         self._probe_in_flight = False
         if retry_after:
             self._resume_at = max(self._resume_at, now + retry_after)
@@ -141,8 +242,9 @@ class Throttle:
             if self.options.adaptive and ticket >= self._last_cut:
                 # Requests sent before the last cut were already paid for by that cut.
                 self._cut(now)
-        if status != 429:
-            # A 429 means the server is up and busy; everything else here may mean it is down.
+        if status is None or (status >= 500 and status != 429):
+            # No answer or a 5xx may mean the server is down; a 429 or a garbled 200 mean it
+            # is up (the no-progress deadline still ends a run that never gets anywhere).
             self._consecutive_failures += 1
             if self._consecutive_failures >= self.options.outage_after:
                 self._begin_outage(now)
@@ -197,7 +299,6 @@ class Throttle:
                 self._consecutive_failures,
             )
             self._outage_since = now
-            self._gate_open.clear()
             self._next_probe = now + self._probe_delay
 
     def _end_outage(self) -> None:
@@ -205,29 +306,56 @@ class Throttle:
         self._outage_since = None
         self._probe_in_flight = False
         self._probe_delay = self.options.first_probe_delay
-        self._gate_open.set()
+        self._notify()
 
     async def _pass_gate(self) -> None:
+        # The abort is not decided here: the outage began after the stall did, and every wait
+        # (this one included) ends at the stall's deadline.
         while self._outage_since is not None:
-            limit = self.options.max_outage
             now = self._loop.time()
-            if limit is not None and now - self._outage_since > limit:
-                raise RunAborted(
-                    f"the server has been unreachable or failing for over {limit:.0f} s; "
-                    "stopping (check the endpoint, or raise --max-outage)"
-                )
             if not self._probe_in_flight and now >= self._next_probe:
                 self._probe_in_flight = True
                 return
-            wait = max(self._next_probe - now, 0.05)
-            if limit is not None:
-                wait = min(wait, max(self._outage_since + limit - now, 0.0) + 0.01)
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._gate_open.wait(), timeout=wait)
+            # At least every 50 ms: the probe's failure frees its slot without waking anyone.
+            await self._wait(max(self._next_probe, now + 0.05))
+
+    # --- giving up -------------------------------------------------------------------------
+
+    def _notify(self) -> None:
+        """Wake every waiter so it re-checks: each holds the event it is waiting on, and later
+        waiters get the fresh one."""
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    def _abort(self) -> None:
+        limit = self.options.max_outage
+        assert limit is not None
+        failed = self._failed_attempts
+        # Not logged here: whoever catches RunAborted shows it (the CLI prints it once).
+        self._abort_message = (
+            f"no request has succeeded for over {limit:g} s ({failed} failed "
+            f"attempt{'' if failed == 1 else 's'}; last: {self._last_error}): the server is "
+            "unreachable, failing or refusing every request. Stopping: check the endpoint, the "
+            "service's status and your rate limits, or raise --max-outage"
+        )
+        self._notify()
 
 
 #: successes in the window needed before their rate is trusted as the server's
 _MIN_SAMPLES = 5
+#: longest failure description kept for the abort message
+_REASON_LIMIT = 120
+
+
+def _describe(status: int | None, reason: str | None) -> str:
+    """A short, one-line name for a failure: the caller's words, else one from the status."""
+    if reason:
+        return " ".join(reason.split())[:_REASON_LIMIT]
+    if status is None:
+        return "timeout or connection error"
+    if status == 200:
+        return "unusable answer (HTTP 200)"
+    return f"HTTP {status}"
 
 
 def _record(times: deque[float], event: float | None, window: float, *, now: float = 0.0) -> None:

@@ -151,3 +151,39 @@ async def test_key_never_appears_in_errors(tmp_path: Path, start_emulator: Start
     text = out.read_text()
     assert '"connection"' in text
     assert KEY not in text and "api_key=" + KEY not in text
+
+
+async def test_a_429_storm_aborts_after_max_outage(
+    tmp_path: Path, start_emulator: StartEmulator
+) -> None:
+    """429s never close the outage gate; they still may not go on for ever. The first request
+    passes (a bucket of one), then one token per 100 s: no progress after that."""
+    url = await start_emulator(rate_limit=0.01, rate_limit_burst=1, rate_limit_retry_after=2)
+    make_files(tmp_path / "in", 20)
+    options = PipelineOptions(
+        client=client(url, concurrency=4), throttle=ThrottleOptions(max_outage=1.0)
+    )
+    started = time.monotonic()
+    results = []
+    with pytest.raises(RunAborted, match=r"last: HTTP 429.*--max-outage"):
+        async for result in iter_results([str(tmp_path / "in")], options):
+            results.append(result)
+    # max_outage, plus at most the 2 s Retry-After a client without a bounded backoff sleeps
+    # through, plus slack for a loaded machine
+    assert time.monotonic() - started < 10
+    assert [r.ok for r in results] == [True]
+    served = await emulator_stats(url)
+    assert served["by_status"].get("429", 0) >= 1
+
+
+async def test_a_5xx_storm_aborts_on_time(tmp_path: Path, start_emulator: StartEmulator) -> None:
+    url = await start_emulator(fail_rate=1.0, seed=3)
+    make_files(tmp_path / "in", 20)
+    options = PipelineOptions(
+        client=client(url, concurrency=4), throttle=ThrottleOptions(max_outage=1.0)
+    )
+    started = time.monotonic()
+    with pytest.raises(RunAborted, match=r"last: HTTP 50\d"):
+        [r async for r in iter_results([str(tmp_path / "in")], options)]
+    # max_outage + the 1 s Retry-After of the emulator's 503s + slack
+    assert time.monotonic() - started < 10

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import math
+import re
+from collections.abc import Awaitable
 
 import pytest
 
@@ -136,3 +138,193 @@ async def test_memory_of_past_requests_is_bounded() -> None:
     # Only the last window's worth is remembered, however long the run.
     assert len(throttle._ok_times) <= 1000
     assert len(throttle._sent_times) <= 1000
+
+
+# --- giving up: no progress for max_outage seconds ------------------------------------------
+
+#: slack for the event loop's timers on a loaded machine
+SLACK = 0.5
+
+
+async def _fail_forever(
+    throttle: Throttle, *, status: int | None, retry_after: float | None, reason: str | None
+) -> None:
+    """A worker against a server that never answers well: the same calls as the client makes
+    (acquire, report, back off through the throttle), bounded so a bug cannot hang the test."""
+    for _ in range(1000):
+        ticket = await throttle.acquire()
+        throttle.failure(ticket, status=status, retry_after=retry_after, reason=reason)
+        await throttle.sleep(retry_after or 0.01)
+
+
+async def _time_to_abort(*workers: Awaitable[None]) -> tuple[float, RunAborted]:
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    with pytest.raises(RunAborted) as caught:
+        await asyncio.wait_for(asyncio.gather(*workers), 10)
+    return loop.time() - start, caught.value
+
+
+async def test_a_429_storm_with_a_long_retry_after_aborts_at_max_outage() -> None:
+    """429s never close the outage gate, and Retry-After asked for 300 s: the workers, asleep
+    in the cooldown or in their backoff, still stop at max_outage."""
+    throttle = Throttle(ThrottleOptions(max_outage=0.5))
+    elapsed, error = await _time_to_abort(
+        *(
+            _fail_forever(throttle, status=429, retry_after=300.0, reason="HTTP 429")
+            for _ in range(4)
+        )
+    )
+    assert 0.45 <= elapsed < 0.5 + SLACK
+    assert not throttle.in_outage  # the abort did not come from the outage gate
+    assert "last: HTTP 429" in str(error) and "--max-outage" in str(error)
+    assert "unreachable" in str(error)
+
+
+async def test_mixed_503s_and_timeouts_abort_on_time() -> None:
+    """Fast failures of every kind close the outage gate, whose probes go out at growing
+    intervals (the first after 0.5 s): the workers held there stop at the deadline."""
+    throttle = Throttle(ThrottleOptions(max_outage=0.6, outage_after=4, adaptive=False))
+    elapsed, error = await _time_to_abort(
+        _fail_forever(throttle, status=503, retry_after=None, reason="HTTP 503"),
+        _fail_forever(throttle, status=None, retry_after=None, reason="timeout"),
+        _fail_forever(throttle, status=None, retry_after=None, reason="connection"),
+        _fail_forever(throttle, status=502, retry_after=None, reason=None),
+    )
+    assert 0.55 <= elapsed < 0.6 + SLACK
+    assert throttle.in_outage
+    assert re.search(r"last: (HTTP 50[23]|timeout|connection)\)", str(error)), str(error)
+
+
+async def test_pacing_at_the_floor_rate_ends_at_the_deadline() -> None:
+    """A 503 cuts the adaptive rate to well under one send a second: the next send's wait is
+    cut short by the deadline."""
+    throttle = Throttle(ThrottleOptions(max_outage=0.3))
+    loop = asyncio.get_running_loop()
+    throttle.failure(await throttle.acquire(), status=503, retry_after=None)
+    assert 1 / throttle.rate > 1.0
+    start = loop.time()
+    with pytest.raises(RunAborted):
+        await asyncio.wait_for(throttle.acquire(), 5)
+    assert loop.time() - start < 0.3 + SLACK
+
+
+async def test_the_message_names_the_last_failure_even_without_a_reason() -> None:
+    throttle = Throttle(ThrottleOptions(max_outage=0.1))
+    throttle.failure(await throttle.acquire(), status=None, retry_after=None)
+    await asyncio.sleep(0.15)
+    with pytest.raises(RunAborted, match="last: timeout or connection error"):
+        await throttle.acquire()
+    throttle = Throttle(ThrottleOptions(max_outage=0.1))
+    throttle.failure(await throttle.acquire(), status=504, retry_after=None)
+    await asyncio.sleep(0.15)
+    with pytest.raises(RunAborted, match=r"\(1 failed attempt; last: HTTP 504\)"):
+        throttle.check()
+
+
+async def test_a_success_resets_the_clock() -> None:
+    throttle = Throttle(ThrottleOptions(max_outage=0.4, adaptive=False))
+    loop = asyncio.get_running_loop()
+    throttle.failure(await throttle.acquire(), status=503, retry_after=None)
+    first = throttle.deadline
+    assert first is not None and first <= loop.time() + 0.4
+    await asyncio.sleep(0.3)
+    throttle.success(await throttle.acquire())
+    assert throttle.deadline is None
+    throttle.failure(await throttle.acquire(), status=503, retry_after=None)
+    await asyncio.sleep(0.3)  # 0.6 s since the first failure, 0.3 s since the success
+    throttle.check()
+    await throttle.acquire()
+    await asyncio.sleep(0.15)
+    with pytest.raises(RunAborted):
+        await throttle.acquire()
+
+
+async def test_an_idle_throttle_never_aborts() -> None:
+    throttle = Throttle(ThrottleOptions(max_outage=0.1))
+    await asyncio.sleep(0.2)  # nothing sent yet: slow input, say
+    throttle.success(await throttle.acquire())
+    await asyncio.sleep(0.2)  # idle after a success
+    assert throttle.deadline is None
+    # A failure now counts from its own send, not from the success 0.2 s ago.
+    ticket = await throttle.acquire()
+    throttle.failure(ticket, status=None, retry_after=None)
+    assert throttle.deadline == pytest.approx(ticket + 0.1)
+    await throttle.acquire()
+
+
+async def test_time_a_failed_request_was_in_flight_counts() -> None:
+    """A request that hung and timed out is time without progress: the clock starts at its
+    send, so a timeout longer than max_outage aborts at the next call."""
+    throttle = Throttle(ThrottleOptions(max_outage=0.2))
+    ticket = await throttle.acquire()
+    await asyncio.sleep(0.3)  # the request "hangs"
+    throttle.failure(ticket, status=None, retry_after=None, reason="timeout")
+    with pytest.raises(RunAborted, match="last: timeout"):
+        await throttle.acquire()
+
+
+async def test_a_stall_that_begins_while_waiting_still_wakes_the_waiters() -> None:
+    """A worker that started a long wait while no deadline existed (a cooldown outliving the
+    success that reset the clock, a backoff) is woken when a new stall begins."""
+    throttle = Throttle(ThrottleOptions(max_outage=0.3, adaptive=False))
+    loop = asyncio.get_running_loop()
+    in_flight = await throttle.acquire()
+    throttle.failure(await throttle.acquire(), status=429, retry_after=300.0)
+    throttle.success(in_flight)  # progress: no deadline, but the 300 s cooldown stands
+    assert throttle.deadline is None
+    waiters = [asyncio.create_task(throttle.acquire()), asyncio.create_task(throttle.sleep(300))]
+    await asyncio.sleep(0.1)
+    start = loop.time()
+    throttle.failure(loop.time(), status=None, retry_after=None)
+    for waiter in waiters:
+        with pytest.raises(RunAborted):
+            await asyncio.wait_for(waiter, 5)
+    assert loop.time() - start < 0.3 + SLACK
+
+
+async def test_the_abort_is_final() -> None:
+    throttle = Throttle(ThrottleOptions(max_outage=0.05))
+    in_flight = await throttle.acquire()
+    throttle.failure(await throttle.acquire(), status=503, retry_after=None)
+    await asyncio.sleep(0.1)
+    with pytest.raises(RunAborted):
+        await throttle.acquire()
+    throttle.success(in_flight)  # a straggler answering does not revive a stopped run
+    with pytest.raises(RunAborted):
+        await throttle.acquire()
+    with pytest.raises(RunAborted):
+        await throttle.sleep(0)
+
+
+async def test_without_max_outage_failures_never_abort() -> None:
+    throttle = Throttle(
+        ThrottleOptions(max_outage=None, outage_after=3, first_probe_delay=0.1, adaptive=False)
+    )
+    for status in (429, 503, None, 502):
+        throttle.failure(await throttle.acquire(), status=status, retry_after=0.01)
+    assert throttle.in_outage and throttle.deadline is None
+    await asyncio.sleep(0.05)
+    await throttle.sleep(0.05)
+    await asyncio.wait_for(throttle.acquire(), 2)  # the gate's probe still goes out
+
+
+async def test_the_rate_ceiling_wait_ends_at_the_deadline() -> None:
+    throttle = Throttle(ThrottleOptions(rate=2.0, max_outage=0.2, adaptive=False))
+    loop = asyncio.get_running_loop()
+    for _ in range(2):  # the bucket's burst
+        throttle.failure(await throttle.acquire(), status=None, retry_after=None)
+    start = loop.time()
+    with pytest.raises(RunAborted):
+        for _ in range(10):
+            await asyncio.wait_for(throttle.acquire(), 5)
+    assert loop.time() - start < 0.2 + SLACK
+
+
+async def test_a_rate_below_one_per_second_spaces_sends() -> None:
+    throttle = Throttle(ThrottleOptions(rate=4.0 / 5))  # a bucket of 0.8 could hold no request
+    loop = asyncio.get_running_loop()
+    await throttle.acquire()
+    start = loop.time()
+    await throttle.acquire()
+    assert 1.2 <= loop.time() - start < 1.25 + SLACK
