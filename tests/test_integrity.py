@@ -240,6 +240,46 @@ async def test_a_file_name_that_is_not_utf8_is_kept_exactly_and_resumable(
     assert code == 0, stderr
 
 
+class _SlowSink:
+    """Takes its pending rows, then needs a while to write them (a slow disk, a network file
+    system): a flush cut off half way would lose them."""
+
+    def __init__(self) -> None:
+        self.rows_received = 0
+        self.rows_written = 0
+        self._pending = 0
+
+    async def write(self, result: Result) -> None:
+        self.rows_received += 1
+        self._pending += 1
+
+    async def flush(self) -> None:
+        taken, self._pending = self._pending, 0
+        await asyncio.sleep(0.3)
+        self.rows_written += taken
+
+    async def aclose(self) -> None:
+        await self.flush()
+
+
+async def test_a_flush_in_progress_is_never_cut_off_at_the_end(
+    tmp_path: Path, start_emulator: StartEmulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The end-of-run race: the writer cancelled its tick while a flush had taken rows."""
+    monkeypatch.setattr(batchclassify.runner, "FLUSH_INTERVAL", 0.0)  # a flush every tick
+    url = await start_emulator(latency_ms=5)
+    images(tmp_path / "in", 600)  # ~1 s: flushes with rows in them are cut off on old code
+    sink = _SlowSink()
+    stats = await run(
+        [str(tmp_path / "in")],
+        options(url),
+        sinks=[sink],
+        state=JobState(path=tmp_path / "r.state"),
+    )
+    assert stats.total == 600
+    assert sink.rows_received == sink.rows_written == 600
+
+
 async def test_every_output_holds_every_row_run_after_run(
     tmp_path: Path, start_emulator: StartEmulator
 ) -> None:
