@@ -13,7 +13,7 @@ import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any
+from typing import Any, NoReturn
 
 import aiohttp
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
@@ -340,9 +340,16 @@ async def read_body(
 ) -> bytes:
     """Read at most ``limit`` bytes of body, decompressed size included. Over the limit:
     :class:`OversizedResponseError`, or with ``truncate`` the first ``limit`` bytes. Memory
-    stays bounded whatever the server sends (huge, endless or compressed bodies)."""
+    stays bounded whatever the server sends (huge, endless or compressed bodies); a body that
+    does not inflate is a :class:`MalformedResponseError`."""
     encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
-    inflater = _inflater(encoding)
+    try:
+        identity = encoding in ("", "identity")
+        inflater = None if identity else _Inflater(encoding, response.status)
+    except MalformedResponseError:
+        if truncate:
+            return b""  # an error page we cannot read: its status says enough
+        raise
     declared = response.content_length
     if inflater is None and declared is not None and declared > limit and not truncate:
         raise _oversized(limit)  # refused unread: closing the connection drops the rest
@@ -350,29 +357,60 @@ async def read_body(
     size = 0
     async for chunk in response.content.iter_chunked(1 << 16):
         if inflater is not None:
-            # max_length bounds the output of this one chunk; what it holds back stays in
-            # unconsumed_tail, which only matters once the limit is already reached.
-            chunk = inflater.decompress(chunk, limit - size + 1)
+            try:
+                chunk = inflater.feed(chunk, limit - size + 1)
+            except MalformedResponseError:
+                if truncate:
+                    break
+                raise
         size += len(chunk)
         chunks.append(chunk)
-        if size > limit or (inflater is not None and inflater.unconsumed_tail):
+        if size > limit or (inflater is not None and inflater.held_back):
             if truncate:
                 break
             raise _oversized(limit)
     return b"".join(chunks)[:limit]
 
 
-def _inflater(encoding: str) -> Any:
-    if encoding in ("", "identity"):
-        return None
-    if encoding in ("gzip", "x-gzip"):
-        return zlib.decompressobj(16 + zlib.MAX_WBITS)
-    if encoding == "deflate":
-        return zlib.decompressobj()
-    raise MalformedResponseError(
-        f"the server sent a body in an encoding that was not asked for: {encoding[:40]!r}",
-        http_status=None,
-    )
+class _Inflater:
+    """Decompresses a body a chunk at a time, never producing more than asked for.
+
+    ``deflate`` is sent both with the zlib wrapper (as the standard says) and raw (as many
+    servers do): the first bytes tell which."""
+
+    def __init__(self, encoding: str, status: int) -> None:
+        self._encoding = encoding
+        self._status = status
+        self._inflater: Any = None
+        if encoding not in ("gzip", "x-gzip", "deflate"):
+            self._fail(f"a body in an encoding that was not asked for: {encoding[:40]!r}")
+
+    @property
+    def held_back(self) -> bool:
+        """Input is left over because the output reached its bound."""
+        return bool(self._inflater is not None and self._inflater.unconsumed_tail)
+
+    def feed(self, data: bytes, max_length: int) -> bytes:
+        if self._inflater is None:
+            self._inflater = zlib.decompressobj(self._window(data))
+        try:
+            # max_length bounds this chunk's output; what it holds back stays in
+            # unconsumed_tail, which only matters once the limit is already reached.
+            out: bytes = self._inflater.decompress(data, max_length)
+        except zlib.error as exc:
+            self._fail(f"a {self._encoding} body that does not decompress ({exc})")
+        return out
+
+    def _fail(self, what: str) -> NoReturn:
+        raise MalformedResponseError(f"the server sent {what}", http_status=self._status)
+
+    def _window(self, head: bytes) -> int:
+        if self._encoding != "deflate":
+            return 16 + zlib.MAX_WBITS
+        zlib_wrapped = (
+            len(head) >= 2 and head[0] & 0x0F == 8 and (head[0] << 8 | head[1]) % 31 == 0
+        )
+        return zlib.MAX_WBITS if zlib_wrapped else -zlib.MAX_WBITS
 
 
 def _oversized(limit: int) -> OversizedResponseError:

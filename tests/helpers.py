@@ -116,9 +116,15 @@ async def run_cli(
     stdin: bytes | None = None,
     timeout: float = 60,
 ) -> tuple[int, str, str]:
-    """Run the command to its end (bounded by ``timeout``): exit code, stdout, stderr."""
+    """Run the command to its end (bounded by ``timeout``, then killed): exit code, stdout,
+    stderr."""
     process = await start_cli(*args, env=env, cwd=cwd)
-    out, err = await asyncio.wait_for(process.communicate(stdin), timeout)
+    try:
+        out, err = await asyncio.wait_for(process.communicate(stdin), timeout)
+    except asyncio.TimeoutError:
+        process.kill()  # a hung run must not outlive its test
+        await process.wait()
+        raise
     assert process.returncode is not None
     return process.returncode, out.decode(), err.decode()
 
