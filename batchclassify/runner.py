@@ -119,20 +119,20 @@ async def _run(
     stdin: TextIO | None,
     on_start: Callable[[Pipeline], None] | None,
 ) -> RunStats:
-    stats: RunStats | None = None
+    writer: _Writer | None = None
     try:
         async with contextlib.AsyncExitStack() as stack:
-            stats, check = await _start_and_drain(
+            writer = await _start_and_drain(
                 stack, specs, options, outputs, sinks, overwrite, state, progress, stdin, on_start
             )
     except RunAborted as exc:
-        if stats is None:
+        if writer is None:
             raise  # before the run (catching up an output on resume): nothing was sent
         # Closing an output failed (a full disk at the last flush): a summary all the same.
-        stats.aborted = stats.aborted or str(exc)
+        writer.stats.aborted = writer.stats.aborted or str(exc)
     # Only now are the outputs closed (flushed, fsynced) and their counts final.
-    check()
-    return stats
+    writer.closing_check()
+    return writer.stats
 
 
 async def _start_and_drain(
@@ -146,7 +146,7 @@ async def _start_and_drain(
     progress: bool,
     stdin: TextIO | None,
     on_start: Callable[[Pipeline], None] | None,
-) -> tuple[RunStats, Callable[[], None]]:
+) -> _Writer:
     store = _open_state(state, options, outputs, overwrite=overwrite, stack=stack)
     resuming = store is not None and state.resume
     check_outputs(outputs, overwrite=overwrite, append=resuming)
@@ -174,22 +174,14 @@ async def _start_and_drain(
         if bar is not None and not resuming
         else None
     )
-    counts_before = writer.sink_counts()
     try:
-        stats = await writer.drain(pipeline, bar)
+        await writer.drain(pipeline, bar)
     finally:
         if counter is not None:
             counter.cancel()
         if bar is not None:
             bar.close()
-
-    def check() -> None:
-        problems = writer.check(pipeline, counts_before)
-        if problems:
-            message = "the closing check failed: " + "; ".join(problems)
-            stats.aborted = f"{stats.aborted}; {message}" if stats.aborted else message
-
-    return stats, check
+    return writer
 
 
 class _Writer:
@@ -218,10 +210,12 @@ class _Writer:
         self.repeated = 0
         self.unsaved = 0
         self._broken = False
+        self._counts_before: list[tuple[int, int] | None] = []
 
     async def drain(self, pipeline: Pipeline, bar: tqdm[Any] | None) -> RunStats:
         self._bar = bar
         self._pipeline = pipeline
+        self._counts_before = self.sink_counts()
         stats = self.stats
         ticker = asyncio.create_task(self._tick())
         try:
@@ -329,12 +323,18 @@ class _Writer:
             counts.append(None if received is None or written is None else (received, written))
         return counts
 
-    def check(
-        self, pipeline: Pipeline, counts_before: Sequence[tuple[int, int] | None]
-    ) -> list[str]:
-        """The closing invariant: every input taken is a committed row, a repeat, or
-        deliberately not started; every output holds every committed row. Returns what
-        does not hold (empty when all is well)."""
+    def closing_check(self) -> None:
+        """The closing invariant, once the outputs are closed: every input taken is a
+        committed row, a repeat, or deliberately not started; every output holds every
+        committed row. What does not hold stops the run (``stats.aborted``)."""
+        assert self._pipeline is not None, "drain() first"
+        problems = self._problems(self._pipeline)
+        if problems:
+            message = "the closing check failed: " + "; ".join(problems)
+            stats = self.stats
+            stats.aborted = f"{stats.aborted}; {message}" if stats.aborted else message
+
+    def _problems(self, pipeline: Pipeline) -> list[str]:
         problems: list[str] = []
         accounted = self.received + pipeline.dropped
         if pipeline.taken != accounted:
@@ -350,7 +350,7 @@ class _Writer:
         elif self.unsaved and self.stats.aborted is None:
             problems.append(f"{self.unsaved} results could not be saved")
         hint = " (the state has them all: --resume completes it)" if self._store else ""
-        counts = zip(self._sinks, counts_before, self.sink_counts(), strict=True)
+        counts = zip(self._sinks, self._counts_before, self.sink_counts(), strict=True)
         for sink, before, after in counts:
             if before is None or after is None:
                 continue
