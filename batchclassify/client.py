@@ -368,6 +368,9 @@ async def read_body(
         if size > limit or (inflater is not None and inflater.held_back):
             if truncate:
                 break
+            # Drop the bytes before raising: the traceback keeps this frame and its locals alive
+            # until the garbage collector breaks the retry machinery's reference cycle.
+            del chunks[:], chunk
             raise _oversized(limit)
     return b"".join(chunks)[:limit]
 
