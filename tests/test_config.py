@@ -170,3 +170,49 @@ async def test_every_example_config_runs_against_the_emulator(
         placed = list((tmp_path / settings.organize).rglob("*.jpg"))
         assert len(placed) == 4
     assert KEY not in err
+
+
+def test_api_key_file_wins_over_the_environment(tmp_path: Path) -> None:
+    key_file = write(tmp_path / "key", f"  {KEY}\n")
+    resolved = resolve_settings(
+        {"api_key_file": str(key_file)}, {"ROBOFLOW_API_KEY": "env-key-00000000"}
+    )
+    assert resolved.settings.api_key == KEY
+    assert resolved.origins["api_key"].startswith(f"file {key_file}")
+    assert KEY not in format_settings(resolved)
+    assert not resolved.warnings  # 0600: nothing to say
+
+
+def test_api_key_file_from_stdin_and_its_mistakes(tmp_path: Path) -> None:
+    import io
+
+    resolved = resolve_settings({"api_key_file": "-"}, {}, stdin=io.StringIO(f"{KEY}\nrest\n"))
+    assert resolved.settings.api_key == KEY
+    with pytest.raises(ConfigError, match="not both"):
+        resolve_settings({"api_key": KEY, "api_key_file": "-"}, {}, stdin=io.StringIO(KEY))
+    with pytest.raises(ConfigError, match="cannot read --api-key-file"):
+        resolve_settings({"api_key_file": str(tmp_path / "missing")}, {})
+    for text in ("", "\n", "two words\n"):
+        with pytest.raises(ConfigError, match="one API key on one line"):
+            resolve_settings({"api_key_file": str(write(tmp_path / "k", text))}, {})
+    readable = write(tmp_path / "open", KEY, mode=0o644)
+    warned = resolve_settings({"api_key_file": str(readable)}, {})
+    assert any("other users" in warning for warning in warned.warnings)
+
+
+async def test_api_key_file_on_the_command_line(
+    tmp_path: Path, start_emulator: StartEmulator
+) -> None:
+    url = await start_emulator(api_key=KEY)  # any other key gets 403
+    make_image(tmp_path / "in" / "a.jpg", seed=1)
+    write(tmp_path / "key", KEY + "\n")
+    args = ["run", str(tmp_path / "in"), "--model", "demo/1", "--endpoint", url, "--out", "-"]
+    code, out, err = await run_cli(*args, "--api-key-file", str(tmp_path / "key"))
+    assert code == 0, err
+    assert json.loads(out)["status"] == "ok" and KEY not in out + err
+    code, out, err = await run_cli(*args, "--api-key-file", "-", stdin=f"{KEY}\n".encode())
+    assert code == 0, err
+    both = ["run", "-", *args[2:], "--api-key-file", "-"]  # sources come before options
+    code, _, err = await run_cli(*both, stdin=f"{KEY}\n".encode())
+    assert code == 2 and "stdin cannot hold both" in err
+    assert (await emulator_stats(url))["requests"] == 2
