@@ -98,27 +98,6 @@ async def run(
     state = state or JobState()
     summary = Path(summary_path) if summary_path is not None else None
     _check_planned_paths(outputs, state, summary, other_paths, overwrite=overwrite)
-    stats = await _run(specs, options, outputs, sinks, overwrite, state, progress, stdin, on_start)
-    if summary is not None:
-        await asyncio.to_thread(_write_summary, summary, stats)
-    if stats.aborted is not None:
-        error = RunAborted(stats.aborted)
-        error.stats = stats
-        raise error
-    return stats
-
-
-async def _run(
-    specs: Sequence[str],
-    options: PipelineOptions,
-    outputs: Sequence[str],
-    sinks: Sequence[Sink],
-    overwrite: bool,
-    state: JobState,
-    progress: bool,
-    stdin: TextIO | None,
-    on_start: Callable[[Pipeline], None] | None,
-) -> RunStats:
     writer: _Writer | None = None
     try:
         async with contextlib.AsyncExitStack() as stack:
@@ -132,7 +111,14 @@ async def _run(
         writer.stats.aborted = writer.stats.aborted or str(exc)
     # Only now are the outputs closed (flushed, fsynced) and their counts final.
     writer.closing_check()
-    return writer.stats
+    stats = writer.stats
+    if summary is not None:
+        await asyncio.to_thread(_write_summary, summary, stats)
+    if stats.aborted is not None:
+        error = RunAborted(stats.aborted)
+        error.stats = stats
+        raise error
+    return stats
 
 
 async def _start_and_drain(
