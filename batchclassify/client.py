@@ -9,6 +9,7 @@ import asyncio
 import json
 import logging
 import re
+import socket
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_aft
 
 from batchclassify.errors import (
     ConfigError,
+    EndpointError,
     FatalApiError,
     ItemRejectedError,
     MalformedResponseError,
@@ -54,6 +56,8 @@ _MESSAGE_LIMIT = 300
 _ERROR_BODY_LIMIT = 64 * 1024
 #: default bound on an answer's size: a classify answer is a few KB even with thousands of classes
 DEFAULT_MAX_RESPONSE_BYTES = 8 * 1024 * 1024
+#: refused connections or web pages, before any answer, that make the endpoint look wrong
+_STRIKES_BEFORE_GIVING_UP = 3
 #: redirects followed when downloading an image (never on classify requests)
 _MAX_DOWNLOAD_REDIRECTS = 5
 
@@ -117,6 +121,9 @@ class ClassifyClient:
             params["confidence"] = str(options.confidence)
         self._params = params
         self._secrets = (options.api_key, *url_secrets(options.endpoint))
+        #: whether any request succeeded yet, and signs of a wrong endpoint before that
+        self._answered = False
+        self._strikes = 0
         #: requests actually sent (attempts), for the summary
         self.requests_sent = 0
 
@@ -231,6 +238,7 @@ class ClassifyClient:
             if throttle is not None:
                 throttle.release()
             raise
+        self._answered = True
         if throttle is not None:
             throttle.success(ticket)
         return answer
@@ -264,10 +272,15 @@ class ClassifyClient:
                 f"no answer within {self.options.timeout:g} s (--timeout)"
             ) from None
         except aiohttp.ClientError as exc:
+            self._check_endpoint_reached(exc)
             # `from None`: the original exception's text carries the URL and so the key.
             raise TransportError(self._describe(exc)) from None
         if status == 200:
+            if not self._answered and body.lstrip()[:1] not in (b"{", b"["):
+                self._strike(f"it answered 200 with {_content(body)}")
             return parse_answer(body)
+        if status == 405 and not self._answered:
+            raise self._not_an_endpoint("it does not accept POST on the classify route (405)")
         if 300 <= status < 400:
             where = without_userinfo(location) if location else "nowhere (no Location header)"
             message = self.redact(f"HTTP {status} redirect to {where}")
@@ -321,18 +334,60 @@ class ClassifyClient:
         except aiohttp.ClientError as exc:
             raise TransportError(self._describe(exc)) from None
 
+    def _check_endpoint_reached(self, exc: aiohttp.ClientError) -> None:
+        """Before the first answer, errors that say "this is no classify API" stop the run
+        within seconds, instead of a 10-minute outage wait: the name does not resolve, TLS
+        fails, or connections are refused again and again."""
+        if self._answered:
+            return
+        cause = getattr(exc, "os_error", None)
+        if isinstance(cause, socket.gaierror):
+            raise self._not_an_endpoint(f"its host name does not resolve ({cause.strerror})")
+        if isinstance(exc, (aiohttp.ClientSSLError, aiohttp.ClientConnectorCertificateError)):
+            raise self._not_an_endpoint(f"TLS failed ({self._describe(exc)})")
+        if isinstance(cause, ConnectionRefusedError):
+            self._strike("it refuses connections (nothing listens on that port)")
+
+    def _strike(self, what: str) -> None:
+        """One more sign, before any answer, that this is no classify API. A few in a row
+        are a wrong endpoint; one alone may be a server still starting, or a garbled body."""
+        self._strikes += 1
+        if self._strikes >= _STRIKES_BEFORE_GIVING_UP:
+            raise self._not_an_endpoint(f"{what}, {self._strikes} times without an answer")
+
+    def _not_an_endpoint(self, what: str) -> EndpointError:
+        endpoint = without_userinfo(self.options.endpoint)
+        return EndpointError(
+            self.redact(
+                f"{endpoint} does not look like a classify API: {what}. Check --endpoint: the "
+                f"hosted API is {DEFAULT_ENDPOINT}, a self-hosted server is usually "
+                "http://HOST:9001"
+            )
+        )
+
     def _describe(self, exc: aiohttp.ClientError) -> str:
         name = type(exc).__name__
         text = str(exc) or name
         return self.redact(f"{name}: {text}" if text != name else name)
 
 
+def _content(body: bytes) -> str:
+    """What a body is, in a few words: "an HTML page", "an empty body", "text: '...'"."""
+    head = body.lstrip()[:200].lower()
+    if not head:
+        return "an empty body"
+    if head.startswith((b"<!doctype html", b"<html")) or b"<body" in head:
+        return "an HTML page"
+    return f"text that is not JSON: {snippet(body, 80)!r}"
+
+
 def _failure_reason(exc: RequestError) -> str:
-    """A few words naming a failure for the throttle's abort message: "HTTP 429", "timeout",
-    "connection", "malformed_response"."""
-    if exc.http_status is not None and exc.http_status != 200:
-        return f"HTTP {exc.http_status}"
-    return exc.kind
+    """What went wrong, for the throttle's outage warning and abort message: the error's own
+    (already redacted) words, which start with the status for HTTP errors."""
+    text = str(exc)
+    if exc.http_status is not None and exc.http_status != 200 and not text.startswith("HTTP"):
+        text = f"HTTP {exc.http_status}: {text}"
+    return text or exc.kind
 
 
 async def read_body(

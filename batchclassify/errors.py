@@ -13,6 +13,7 @@
     │       │   └── OversizedResponseError  an answer over --max-response-bytes
     │       └── FatalApiError       401-404, 410, 422, 423, 501, 507, a redirect: the run stops
     └── RunAborted             the run stopped itself (fatal API error, too many failures)
+        └── EndpointError      before any answer: the endpoint is not a classify API at all
 
 Every error that crosses a module boundary is one of these; aiohttp's own exceptions are translated
 once, in :mod:`batchclassify.client`, with the API key removed from their text.
@@ -28,6 +29,7 @@ __all__ = [
     "ApiError",
     "BatchClassifyError",
     "ConfigError",
+    "EndpointError",
     "FatalApiError",
     "InputError",
     "ItemRejectedError",
@@ -178,3 +180,10 @@ class RunAborted(BatchClassifyError):
     kind = "aborted"
     #: the run's statistics up to the stop (a :class:`batchclassify.summary.RunStats`), when known
     stats: Any = None
+
+
+class EndpointError(RunAborted):
+    """Before any answer, the endpoint showed it is no classify API (the name does not
+    resolve, TLS fails, nothing listens, a web page answers): a wrong ``--endpoint``."""
+
+    kind = "endpoint"

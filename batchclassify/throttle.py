@@ -295,8 +295,10 @@ class Throttle:
     def _begin_outage(self, now: float) -> None:
         if self._outage_since is None:
             log.warning(
-                "%d requests in a row failed: the server looks down; pausing and probing",
+                "%d requests in a row failed (last: %s): the server looks down; pausing and "
+                "probing",
                 self._consecutive_failures,
+                self._last_error,
             )
             self._outage_since = now
             self._next_probe = now + self._probe_delay

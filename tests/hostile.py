@@ -15,7 +15,8 @@ Use it through the ``hostile_server`` fixture (``tests/conftest.py``)::
 
 Route: ``GET|POST /{mode}/{every}/{model}/{version}``. Request number k (counted from 1 per
 ``/{mode}/{every}`` path, per server) is answered in the hostile ``mode`` when ``k % every == 0``,
-otherwise with a normal, valid single-label answer (:func:`valid_answer`). ``every=1``: always.
+otherwise with a normal, valid single-label answer (:func:`valid_answer`). ``every=1``: always
+(but for the first ``warmup`` requests of each path, answered normally).
 
 Modes (the table is :data:`MODES`, plus the ``status-NNN`` and ``redirect-NNN`` families):
 
@@ -436,6 +437,10 @@ class HostileServer:
     slow_seconds: float = 5.0
     retry_after: str | None = "1"
     many_classes: int = 5000
+    #: the first ``warmup`` requests of each path are answered normally, whatever ``every``
+    #: says: a client that has had an answer treats later nonsense as the server's, not as a
+    #: wrong endpoint
+    warmup: int = 0
     # stats
     requests: Counter[str] = field(default_factory=Counter)
     hostile_answers: Counter[str] = field(default_factory=Counter)
@@ -526,7 +531,8 @@ class HostileServer:
             return _message(404, f"unknown hostile mode/every {mode!r}/{every_text!r}")
         self.requests[mode] += 1
         self._seen[f"{mode}/{every}"] += 1
-        hostile = self._seen[f"{mode}/{every}"] % every == 0
+        number = self._seen[f"{mode}/{every}"]
+        hostile = number > self.warmup and number % every == 0
         self.bytes_received += await _drain(request)
         if not hostile:
             return await _normal(self, request)

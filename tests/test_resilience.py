@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -10,7 +11,9 @@ import pytest
 from conftest import StartEmulator
 from helpers import emulator_stats, make_image
 
-from batchclassify import ClientOptions, PipelineOptions, RunAborted, iter_results, run
+from batchclassify import ClientOptions, PipelineOptions, Result, RunAborted, iter_results, run
+from batchclassify.emulator import EmulatorConfig, running_emulator
+from batchclassify.errors import EndpointError
 from batchclassify.retry import RetryPolicy
 from batchclassify.throttle import ThrottleOptions
 
@@ -95,16 +98,34 @@ async def test_retry_after_is_honoured(tmp_path: Path, start_emulator: StartEmul
     assert served["by_status"].get("429", 0) <= 4
 
 
-async def test_unreachable_server_pauses_then_aborts(tmp_path: Path) -> None:
+async def test_a_port_nobody_listens_on_stops_the_run_at_once(tmp_path: Path) -> None:
     make_files(tmp_path / "in", 30)
-    # Nothing listens on port 1 of loopback: every connection is refused at once.
-    options = PipelineOptions(
-        client=client("http://127.0.0.1:1", concurrency=4),
-        throttle=ThrottleOptions(outage_after=4, max_outage=1.0, first_probe_delay=0.1),
-    )
+    # Nothing listens on port 1 of loopback: every connection is refused at once. Before any
+    # answer that is a wrong --endpoint, not an outage worth waiting out.
+    options = PipelineOptions(client=client("http://127.0.0.1:1", concurrency=4))
     started = time.monotonic()
-    with pytest.raises(RunAborted, match="unreachable"):
+    with pytest.raises(EndpointError, match="refuses connections") as caught:
         [r async for r in iter_results([str(tmp_path / "in")], options)]
+    assert "Check --endpoint" in str(caught.value)
+    assert time.monotonic() - started < 5
+
+
+async def test_a_server_that_goes_away_mid_run_pauses_then_aborts(tmp_path: Path) -> None:
+    make_files(tmp_path / "in", 60)
+    results: list[Result] = []
+    async with contextlib.AsyncExitStack() as server:
+        url = await server.enter_async_context(running_emulator(EmulatorConfig(latency_ms=20)))
+        options = PipelineOptions(
+            client=client(url, concurrency=4),
+            throttle=ThrottleOptions(outage_after=4, max_outage=1.0, first_probe_delay=0.1),
+        )
+        started = time.monotonic()
+        with pytest.raises(RunAborted, match="no request has succeeded") as caught:
+            async for result in iter_results([str(tmp_path / "in")], options):
+                results.append(result)
+                if len(results) == 5:
+                    await server.aclose()  # the server is gone: refused from now on
+    assert not isinstance(caught.value, EndpointError)  # it answered before: an outage
     assert time.monotonic() - started < 10
 
 
