@@ -124,8 +124,9 @@ class ClassifyClient:
         #: whether any request succeeded yet, and signs of a wrong endpoint before that
         self._answered = False
         self._strikes = 0
-        #: requests actually sent (attempts), for the summary
+        #: requests actually sent (attempts), and image downloads (--fetch-urls), for the summary
         self.requests_sent = 0
+        self.downloads_sent = 0
 
     async def __aenter__(self) -> ClassifyClient:
         connector = aiohttp.TCPConnector(
@@ -288,12 +289,20 @@ class ClassifyClient:
         message = self.redact(_error_message(status, body))
         raise error_for_status(status, message, retry_after=retry_after)
 
-    async def fetch(self, url: str, *, max_bytes: int) -> bytes:
-        """Download an image for sending inline (``--fetch-urls``), with the same retry rules."""
+    async def fetch(self, url: str, *, max_bytes: int) -> tuple[bytes, int]:
+        """Download an image for sending inline (``--fetch-urls``), with the same retry rules;
+        returns the bytes and the attempts it took (on failure, the error's ``attempts``)."""
         retrying = self._retrying()
-        async for attempt in retrying:
-            with attempt:
-                return await self._fetch_once(url, max_bytes)
+        attempt_number = 0
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    attempt_number = attempt.retry_state.attempt_number
+                    self.downloads_sent += 1
+                    return await self._fetch_once(url, max_bytes), attempt_number
+        except RequestError as exc:
+            exc.attempts = attempt_number
+            raise
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _fetch_once(self, url: str, max_bytes: int) -> bytes:

@@ -19,9 +19,12 @@ Status = Literal["ok", "error"]
 class Item:
     """One input to classify: a local file, or a URL.
 
-    ``source`` is what the user will see in the results (the path as found, or the URL);
-    exactly one of ``path`` and ``url`` is set, unless the item is already known to be broken,
-    in which case ``problem`` says why and no request is made for it.
+    ``source`` is the input exactly as the user gave it (a list's line, a path found in a
+    folder, a URL), so results can be joined back to the input; ``path`` is the file it names
+    (a list's relative entries resolved against the list's folder). Exactly one of ``path``
+    and ``url`` is set, unless the item is already known to be broken, in which case
+    ``problem`` says why and no request is made for it. ``columns`` carries the list's other
+    columns asked for with ``--keep-columns``.
     """
 
     source: str
@@ -30,6 +33,7 @@ class Item:
     problem: str | None = None
     #: stable identity for the state store (see :func:`batchclassify.state.item_key`)
     key: str | None = None
+    columns: dict[str, Any] | None = None
 
     def with_key(self, key: str) -> Item:
         return replace(self, key=key)
@@ -75,6 +79,10 @@ class Result:
     latency_ms: float | None = None
     #: the source whose identical bytes were classified instead (content dedup)
     duplicate_of: str | None = None
+    #: the absolute path of the file classified (``None`` for URLs)
+    path: str | None = None
+    #: the input list's columns kept with ``--keep-columns``
+    columns: dict[str, Any] | None = None
     #: the input's state key and the hash of the bytes sent: bookkeeping, not written out
     key: str | None = field(default=None, compare=False, repr=False)
     content_hash: str | None = field(default=None, compare=False, repr=False)
@@ -88,10 +96,11 @@ class Result:
 
         Every string is valid Unicode. A source whose file name is not valid UTF-8 is written
         readably (``caf\\xe9.jpg``) and, exactly, as base64 of its bytes in ``source_bytes``
-        (present only then)."""
+        (present only then); ``columns`` is present only with ``--keep-columns``."""
         error = self.error
         record: dict[str, Any] = {
             "source": valid_unicode(self.source),
+            "path": None if self.path is None else valid_unicode(self.path),
             "status": self.status,
             "top": self.top,
             "confidence": self.confidence,
@@ -105,6 +114,8 @@ class Result:
             "latency_ms": self.latency_ms,
             "duplicate_of": None if self.duplicate_of is None else valid_unicode(self.duplicate_of),
         }
+        if self.columns is not None:
+            record["columns"] = self.columns
         raw = raw_name(self.source)
         if raw is not None:
             record["source_bytes"] = base64.b64encode(raw).decode("ascii")
@@ -131,6 +142,8 @@ class Result:
             attempts=record.get("attempts", 0),
             latency_ms=record.get("latency_ms"),
             duplicate_of=record.get("duplicate_of"),
+            path=record.get("path"),
+            columns=record.get("columns"),
         )
 
 

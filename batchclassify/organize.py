@@ -527,7 +527,7 @@ class OrganizeSink:
         self._pending: set[asyncio.Future[list[Path]]] = set()
 
     async def write(self, result: Result) -> None:
-        path = local_path(result.source)
+        path = Path(result.path) if result.path is not None else local_path(result.source)
         if path is None:
             return
         while len(self._pending) >= self.max_pending:

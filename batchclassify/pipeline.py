@@ -25,6 +25,7 @@ import dataclasses
 import hashlib
 import itertools
 import logging
+import os
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -132,6 +133,11 @@ class Pipeline:
     @property
     def requests_sent(self) -> int:
         return self.client.requests_sent if self.client else 0
+
+    @property
+    def downloads_sent(self) -> int:
+        """Image downloads (``--fetch-urls``, or URLs the service could not fetch)."""
+        return self.client.downloads_sent if self.client else 0
 
     def stop(self) -> None:
         """Stop taking new items; what is in flight finishes and is reported."""
@@ -275,13 +281,22 @@ class Pipeline:
             self.stop()
 
     def _row(self, item: Item, result: Result) -> Result:
-        """The result as reported: the item's own source and key, the message redacted."""
+        """The result as reported: the item's own source, path, columns and key (a dedup copy
+        starts from another item's result), the message redacted."""
         error = result.error
         if error is not None:
             # The one place error rows are made: whatever the message quotes (a server's page
             # echoing the request URL, say), no secret gets into an output.
             error = dataclasses.replace(error, message=self._redact(error.message))
-        return dataclasses.replace(result, source=item.source, key=item.key, error=error)
+        path = None if item.path is None else os.path.abspath(item.path)
+        return dataclasses.replace(
+            result,
+            source=item.source,
+            key=item.key,
+            error=error,
+            path=path,
+            columns=item.columns,
+        )
 
     async def _classify_item(self, item: Item, executor: ThreadPoolExecutor) -> Result:
         if item.problem is not None:
@@ -295,13 +310,12 @@ class Pipeline:
                 started = time.perf_counter()
                 try:
                     response = await client.classify(image_url=item.url)
-                except ItemRejectedError:
+                except ItemRejectedError as exc:
                     if self.options.url_mode != "auto":
                         raise
                     # The service could not fetch it (private host, odd server): fetch it here.
-                    return await self._classify_payload(
-                        item, await self._fetch_payload(item.url, executor)
-                    )
+                    payload = await self._fetch_payload(item.url, executor, spent=exc.attempts)
+                    return await self._classify_payload(item, payload)
                 latency = (time.perf_counter() - started) * 1000
                 return result_from_answer(
                     item.source, response.answer, attempts=response.attempts, latency_ms=latency
@@ -332,10 +346,14 @@ class Pipeline:
             started = time.perf_counter()
             response = await client.classify(data=payload.body)
             latency = (time.perf_counter() - started) * 1000
+            attempts = payload.attempts + response.attempts
             result = result_from_answer(
-                item.source, response.answer, attempts=response.attempts, latency_ms=latency
+                item.source, response.answer, attempts=attempts, latency_ms=latency
             )
             return dataclasses.replace(result, content_hash=payload.digest)
+        except RequestError as exc:
+            exc.attempts += payload.attempts  # the row counts the downloads too
+            raise
         finally:
             if dedup is not None:
                 dedup.settle(payload.digest, result)
@@ -344,23 +362,34 @@ class Pipeline:
         mode = self.options.url_mode
         return mode == "reference" or (mode == "auto" and url.lower().startswith("https://"))
 
-    async def _fetch_payload(self, url: str, executor: ThreadPoolExecutor) -> _Payload:
+    async def _fetch_payload(
+        self, url: str, executor: ThreadPoolExecutor, *, spent: int = 0
+    ) -> _Payload:
+        """Download and prepare an image; ``attempts`` of the payload counts the downloads and
+        the ``spent`` requests before them (a by-reference try the service refused)."""
         client = self.client
         assert client is not None
         prepare = self.options.prepare
         # Fetch generously: with --max-size a large original is shrunk before upload.
         limit = prepare.max_upload_bytes if prepare.max_size is None else 512 * 1024 * 1024
-        raw = await client.fetch(url, max_bytes=limit)
+        try:
+            raw, downloads = await client.fetch(url, max_bytes=limit)
+        except RequestError as exc:
+            exc.attempts += spent
+            raise
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(executor, _bytes_payload, raw, url, prepare)
+        payload = await loop.run_in_executor(executor, _bytes_payload, raw, url, prepare)
+        return dataclasses.replace(payload, attempts=spent + downloads)
 
 
 @dataclass(frozen=True, slots=True)
 class _Payload:
-    """A prepared upload: the base64 body and the hash of the bytes it encodes."""
+    """A prepared upload: the base64 body, the hash of the bytes it encodes, and the HTTP
+    attempts it took to get them (downloads)."""
 
     body: bytes
     digest: str
+    attempts: int = 0
 
     @classmethod
     def of(cls, data: bytes) -> _Payload:

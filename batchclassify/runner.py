@@ -37,6 +37,7 @@ from batchclassify.sinks import STDOUT, Sink, check_outputs, open_sinks, repair_
 from batchclassify.sources import count_items, iter_items
 from batchclassify.state import (
     Fingerprint,
+    Skipped,
     StateLock,
     StateStore,
     remove_state,
@@ -135,25 +136,26 @@ async def _start_and_drain(
 ) -> _Writer:
     store = _open_state(state, options, outputs, overwrite=overwrite, stack=stack)
     resuming = store is not None and state.resume
+    columns = options.sources.keep_columns
     check_outputs(outputs, overwrite=overwrite, append=resuming)
     if resuming:
         assert store is not None
         forgotten = store.forget_retryable(all_failures=state.retry_failed)
-        opened = await _caught_up_sinks(store, outputs, rebuild=forgotten > 0)
+        opened = await _caught_up_sinks(store, outputs, rebuild=forgotten > 0, columns=columns)
     else:
-        opened = await open_sinks(outputs, overwrite=overwrite)
+        opened = await open_sinks(outputs, overwrite=overwrite, columns=columns)
     for sink in opened:
         stack.push_async_callback(sink.aclose)
+    writer = _Writer([*sinks, *opened], store)
     items: Iterator[Item] = iter_items(specs, options.sources, stdin=stdin)
     if store is not None or state.shard is not None:
         reader = store.reader() if resuming and store is not None else None
         if reader is not None:
             stack.callback(reader.close)
-        items = select_items(items, reader=reader, shard=state.shard)
+        items = select_items(items, reader=reader, shard=state.shard, skipped=writer.skipped)
     pipeline = Pipeline(specs, options, items=items, store=store)
     if on_start is not None:
         on_start(pipeline)
-    writer = _Writer([*sinks, *opened], store)
     bar = _progress_bar(progress)
     counter = (
         asyncio.create_task(_fill_total(bar, specs, options, state))
@@ -197,6 +199,8 @@ class _Writer:
         self.unsaved = 0
         self._broken = False
         self._counts_before: list[tuple[int, int] | None] = []
+        #: inputs left out on purpose before the pipeline (done earlier, other shards)
+        self.skipped = Skipped()
 
     async def drain(self, pipeline: Pipeline, bar: tqdm[Any] | None) -> RunStats:
         self._bar = bar
@@ -226,8 +230,10 @@ class _Writer:
             await self._save(flush=True)
             stats.finished = time.monotonic()
             stats.requests_sent = pipeline.requests_sent
+            stats.downloads_sent = pipeline.downloads_sent
             stats.reused = pipeline.reused
             stats.not_started = pipeline.dropped
+            stats.done_earlier = self.skipped.done_earlier
             stats.interrupted = pipeline.stopping and stats.aborted is None
             if bar is not None:
                 bar.set_postfix(ok=stats.ok, failed=stats.failed, refresh=False)
@@ -390,7 +396,7 @@ def _open_state(
 
 
 async def _caught_up_sinks(
-    store: StateStore, outputs: Sequence[str], *, rebuild: bool
+    store: StateStore, outputs: Sequence[str], *, rebuild: bool, columns: Sequence[str]
 ) -> list[Sink]:
     """Open each output for appending after repairing it and writing what it lacks.
 
@@ -401,12 +407,14 @@ async def _caught_up_sinks(
     sinks: list[Sink] = []
     for spec in outputs:
         if spec == STDOUT:
-            sinks.extend(await open_sinks([spec]))
+            sinks.extend(await open_sinks([spec], columns=columns))
             continue
         path = Path(spec)
         present = await asyncio.to_thread(_rows_present, path)
         start = 0 if rebuild or present > total else present
-        [sink] = await open_sinks([spec], append=start > 0, overwrite=start == 0)
+        [sink] = await open_sinks(
+            [spec], append=start > 0, overwrite=start == 0, columns=columns
+        )
         sinks.append(sink)
         for number, result in enumerate(store.records(skip=start), start=1):
             await sink.write(result)

@@ -20,6 +20,7 @@ import base64
 import csv
 import errno
 import io
+import json
 import os
 import sys
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -64,6 +65,7 @@ CSV_COLUMNS = (
     "height",
     "inference_id",
     "duplicate_of",
+    "path",
 )
 
 
@@ -78,8 +80,9 @@ class Sink(Protocol):
 
 
 def result_to_csv_row(result: Result) -> list[Any]:
-    """One CSV row in :data:`CSV_COLUMNS` order; predicted classes are ``;``-joined; no cell
-    can start a spreadsheet formula."""
+    """One CSV row in :data:`CSV_COLUMNS` order, then the kept list columns
+    (``--keep-columns``) in their order; predicted classes are ``;``-joined; no cell can start
+    a spreadsheet formula."""
     record = result.to_dict()
     error = record["error"] or {}
     image = record["image"] or {}
@@ -98,6 +101,8 @@ def result_to_csv_row(result: Result) -> list[Any]:
         image.get("height"),
         record["inference_id"],
         record["duplicate_of"],
+        record["path"],
+        *(record.get("columns") or {}).values(),
     ]
     return [csv_cell("" if value is None else value) for value in row]
 
@@ -178,7 +183,7 @@ class JsonlSink(_BufferedFileSink):
     """One JSON object per line, the full result record."""
 
     @classmethod
-    async def open(cls, path: Path, *, mode: OpenMode) -> JsonlSink:
+    async def open(cls, path: Path, *, mode: OpenMode, columns: Sequence[str] = ()) -> JsonlSink:
         return cls(path, await aiofiles.open(path, mode, encoding="utf-8"))
 
     def _format(self, result: Result) -> str:
@@ -186,14 +191,15 @@ class JsonlSink(_BufferedFileSink):
 
 
 class CsvSink(_BufferedFileSink):
-    """One row per result in :data:`CSV_COLUMNS`; a header when the file starts empty."""
+    """One row per result in :data:`CSV_COLUMNS` plus the kept list ``columns``; a header when
+    the file starts empty."""
 
     @classmethod
-    async def open(cls, path: Path, *, mode: OpenMode) -> CsvSink:
+    async def open(cls, path: Path, *, mode: OpenMode, columns: Sequence[str] = ()) -> CsvSink:
         handle = await aiofiles.open(path, mode, encoding="utf-8", newline="")
         sink = cls(path, handle)
         if await asyncio.to_thread(_is_empty, path):
-            sink._pending.append(sink._row_text(CSV_COLUMNS))
+            sink._pending.append(sink._row_text([*CSV_COLUMNS, *map(csv_cell, columns)]))
         return sink
 
     def _row_text(self, row: Iterable[Any]) -> str:
@@ -275,6 +281,8 @@ class ParquetSink:
                 ("latency_ms", pa.float64()),
                 ("duplicate_of", pa.string()),
                 ("source_bytes", pa.binary()),
+                ("path", pa.string()),
+                ("columns", pa.map_(pa.string(), pa.string())),
             ]
         )
         self._writer = pq.ParquetWriter(self._partial, self._schema)
@@ -283,7 +291,9 @@ class ParquetSink:
         self.rows_written = 0
 
     @classmethod
-    async def open(cls, path: Path, *, mode: OpenMode) -> ParquetSink:
+    async def open(
+        cls, path: Path, *, mode: OpenMode, columns: Sequence[str] = ()
+    ) -> ParquetSink:
         return await asyncio.to_thread(lambda: cls(path, overwrite=mode != "x"))
 
     async def write(self, result: Result) -> None:
@@ -311,6 +321,13 @@ class ParquetSink:
                 "latency_ms": record["latency_ms"],
                 "duplicate_of": record["duplicate_of"],
                 "source_bytes": base64.b64decode(raw) if raw else None,
+                "path": record["path"],
+                "columns": None
+                if record.get("columns") is None
+                else [
+                    (name, value if isinstance(value, str) or value is None else json.dumps(value))
+                    for name, value in record["columns"].items()
+                ],
             }
         )
 
@@ -368,6 +385,10 @@ def check_outputs(specs: Sequence[str], *, overwrite: bool, append: bool = False
     seen: set[str] = set()
     for spec in specs:
         if spec == STDOUT:
+            # Two stdout sinks would write every record twice into the same stream.
+            if STDOUT in seen:
+                raise ConfigError("--out - (stdout) is given twice: give it once")
+            seen.add(STDOUT)
             continue
         path = Path(spec)
         suffix = path.suffix.lower()
@@ -394,9 +415,14 @@ def check_outputs(specs: Sequence[str], *, overwrite: bool, append: bool = False
 
 
 async def open_sinks(
-    specs: Sequence[str], *, overwrite: bool = False, append: bool = False
+    specs: Sequence[str],
+    *,
+    overwrite: bool = False,
+    append: bool = False,
+    columns: Sequence[str] = (),
 ) -> list[Sink]:
-    """Open every ``--out``; ``x`` mode makes a file that appeared meanwhile an error too."""
+    """Open every ``--out``; ``x`` mode makes a file that appeared meanwhile an error too.
+    ``columns`` are the list columns kept in each row (``--keep-columns``)."""
     check_outputs(specs, overwrite=overwrite, append=append)
     mode: OpenMode = "a" if append else ("w" if overwrite else "x")
     sinks: list[Sink] = []
@@ -407,7 +433,8 @@ async def open_sinks(
                 continue
             path = Path(spec)
             try:
-                sinks.append(await _OPENERS[path.suffix.lower()](path, mode=mode))
+                opener = _OPENERS[path.suffix.lower()]
+                sinks.append(await opener(path, mode=mode, columns=columns))
             except FileExistsError:
                 raise ConfigError(
                     f"output {spec!r} already exists; pass --overwrite to replace it"

@@ -29,18 +29,21 @@ names, so the file can still be opened. To keep it:
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
+import math
 import os
 import re
 import sys
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import BinaryIO, TextIO
+from typing import Any, BinaryIO, TextIO
 from urllib.parse import urlsplit
 
 from batchclassify.model import Item
+from batchclassify.text import valid_unicode
 
 __all__ = [
     "DEFAULT_EXTENSIONS",
@@ -72,6 +75,8 @@ class SourceOptions:
     extensions: frozenset[str] = DEFAULT_EXTENSIONS
     column: str | None = None
     include_hidden: bool = False
+    #: columns (CSV) or fields (JSONL) of list files to carry into each row, by name
+    keep_columns: tuple[str, ...] = ()
 
 
 def parse_extensions(text: str) -> frozenset[str]:
@@ -88,8 +93,13 @@ def iter_items(
     ``stdin`` replaces the process's stdin for the spec ``-``; it is read as text, as it is.
     """
     options = options or SourceOptions()
+    keep = options.keep_columns
     for spec in specs:
-        yield from _iter_spec(spec, options, stdin)
+        for item in _iter_spec(spec, options, stdin):
+            if keep and item.columns is None:
+                # Every row gets the same keys, so the CSV has fixed columns and joins work.
+                item = replace(item, columns=dict.fromkeys(keep))
+            yield item
 
 
 def count_items(specs: Iterable[str], options: SourceOptions | None = None) -> int | None:
@@ -175,20 +185,23 @@ def _url_item(url: str) -> Item:
     return Item(source=url, url=url)
 
 
-def _entry_item(value: str, where: str, base: Path) -> Item:
+def _entry_item(
+    value: str, where: str, base: Path, columns: dict[str, Any] | None = None
+) -> Item:
     """An entry of a list (stripped, not blank): a URL, or a path relative to the list's folder.
+    The item's ``source`` is the entry as written, so results join back to the list.
 
     ``where`` (``LIST:LINE``) is the source of the problem item when ``value`` breaks the contract.
     """
     problem = _text_problem(value)
     if problem is not None:
-        return Item(source=where, problem=f"list entry {problem}")
+        return Item(source=where, problem=f"list entry {problem}", columns=columns)
     if _SCHEME.match(value):
-        return _url_item(value)
+        return replace(_url_item(value), columns=columns)
     path = Path(os.path.expanduser(value))
     if not path.is_absolute():
         path = base / path
-    return Item(source=str(path), path=path)
+    return Item(source=value, path=path, columns=columns)
 
 
 # --- directories -----------------------------------------------------------------------------
@@ -396,10 +409,11 @@ def _iter_csv(handle: TextIO, path: Path, options: SourceOptions) -> Iterator[It
         if not any(cell.strip() for cell in row):
             continue
         value = row[index].strip() if index < len(row) else ""
+        kept = _kept(options.keep_columns, functools.partial(_cell, row, names))
         if not value:
-            yield Item(source=where, problem=f"empty {column!r} field")
+            yield Item(source=where, problem=f"empty {column!r} field", columns=kept)
             continue
-        yield _entry_item(value, where, path.parent)
+        yield _entry_item(value, where, path.parent, kept)
 
 
 def _iter_jsonl(handle: TextIO, path: Path, options: SourceOptions) -> Iterator[Item]:
@@ -424,12 +438,15 @@ def _iter_jsonl(handle: TextIO, path: Path, options: SourceOptions) -> Iterator[
 
 def _jsonl_item(record: object, where: str, path: Path, options: SourceOptions) -> Item:
     """The item for one parsed JSONL line: a bare string, or an object with the path/URL field."""
+    fields = record if isinstance(record, dict) else {}
+    kept = _kept(options.keep_columns, fields.get)
     if isinstance(record, str):
         value, what = record, "string"
     elif isinstance(record, dict):
         column = _pick_column(list(record), options.column)
         if column is None:
-            return Item(source=where, problem=_missing_column_message(path, list(record), options))
+            problem = _missing_column_message(path, list(record), options)
+            return Item(source=where, problem=problem, columns=kept)
         value = record[column]
         if not isinstance(value, str):
             kind = "null" if value is None else type(value).__name__
@@ -437,13 +454,38 @@ def _jsonl_item(record: object, where: str, path: Path, options: SourceOptions) 
                 source=where,
                 problem=f"field {column!r} has the wrong type (found: {column!r} is {kind}); "
                 "expected a path or URL string",
+                columns=kept,
             )
         what = f"{column!r} field"
     else:
         return Item(source=where, problem="expected a JSON object or string")
     if not value.strip():
-        return Item(source=where, problem=f"empty {what}")
-    return _entry_item(value.strip(), where, path.parent)
+        return Item(source=where, problem=f"empty {what}", columns=kept)
+    return _entry_item(value.strip(), where, path.parent, kept)
+
+
+def _kept(keep: tuple[str, ...], lookup: Callable[[str], Any]) -> dict[str, Any] | None:
+    """The ``--keep-columns`` of one list entry (a missing one is ``None``), as values that
+    any output can hold: text, whole numbers, finite floats, booleans; anything else (a nested
+    object, NaN) as its JSON text."""
+    return {name: _plain(lookup(name)) for name in keep} if keep else None
+
+
+def _plain(value: Any) -> Any:
+    if value is None or isinstance(value, (bool, int)):
+        return value
+    if isinstance(value, float) and math.isfinite(value):
+        return value
+    if isinstance(value, str):
+        return valid_unicode(value)
+    return valid_unicode(json.dumps(value, ensure_ascii=False, default=str))
+
+
+def _cell(row: list[str], names: list[str], wanted: str) -> str | None:
+    for index, name in enumerate(names):
+        if name == wanted:
+            return row[index] if index < len(row) else None
+    return None
 
 
 def _pick_column(names: list[str], wanted: str | None) -> str | None:

@@ -33,6 +33,7 @@ from batchclassify.model import Item, Result, record_json
 
 __all__ = [
     "RETRYABLE_ERROR_TYPES",
+    "Skipped",
     "StateLock",
     "StateStore",
     "default_state_path",
@@ -108,9 +109,15 @@ def parse_shard(text: str) -> tuple[int, int]:
     try:
         index, count = (int(part) for part in text.split("/"))
     except ValueError:
-        raise ConfigError(f"--shard must look like K/N (e.g. 0/4), got {text!r}") from None
-    if count < 1 or not 0 <= index < count:
-        raise ConfigError(f"--shard {text}: K must be between 0 and N-1")
+        raise ConfigError(
+            f"--shard must look like K/N, shard K of N counted from 0 (e.g. 0/4), got {text!r}"
+        ) from None
+    if count < 1:
+        raise ConfigError(f"--shard {text}: N, the number of shards, must be at least 1")
+    if not 0 <= index < count:
+        raise ConfigError(
+            f"--shard {text}: K must be between 0 and {count - 1} (N-1): shards count from 0"
+        )
     return index, count
 
 
@@ -297,18 +304,32 @@ class StateReader:
         self._db.close()
 
 
+@dataclass
+class Skipped:
+    """Inputs :func:`select_items` left out on purpose: done by an earlier run, or another
+    machine's shard."""
+
+    done_earlier: int = 0
+    other_shards: int = 0
+
+
 def select_items(
     items: Iterable[Item],
     *,
     reader: StateReader | None,
     shard: tuple[int, int] | None,
+    skipped: Skipped | None = None,
 ) -> Iterator[Item]:
-    """Give every item its key; drop those of other shards and those already done."""
+    """Give every item its key; drop those of other shards and those already done (counted in
+    ``skipped``)."""
+    skipped = skipped if skipped is not None else Skipped()
     for item in items:
         if shard is not None and not in_shard(item.source, shard):
+            skipped.other_shards += 1
             continue
         key = item_key(item)
         if reader is not None and reader.is_done(key):
+            skipped.done_earlier += 1
             continue
         yield item.with_key(key)
 

@@ -51,10 +51,13 @@ class RunStats:
     classes: Counter[str] = field(default_factory=Counter)
     latency: LatencyHistogram = field(default_factory=LatencyHistogram)
     requests_sent: int = 0
+    downloads_sent: int = 0
     #: inputs answered from an identical copy instead of a request (content dedup)
     reused: int = 0
     #: inputs taken but not classified because the run stopped (a resume does them)
     not_started: int = 0
+    #: inputs skipped because an earlier run (``--resume``, ``scan``) already has their rows
+    done_earlier: int = 0
     interrupted: bool = False
     aborted: str | None = None
 
@@ -64,7 +67,8 @@ class RunStats:
             self.ok += 1
             if result.top:
                 self.classes[result.top] += 1
-            if result.latency_ms is not None:
+            # Only rows that waited on a request: a dedup copy (attempts 0) sent none.
+            if result.latency_ms is not None and result.attempts > 0:
                 self.latency.add(result.latency_ms)
         else:
             self.failed_by_type[result.error.type if result.error else "error"] += 1
@@ -90,9 +94,12 @@ class RunStats:
             "elapsed_s": round(self.elapsed, 3),
             "images_per_s": round(self.images_per_second, 2),
             "requests_sent": self.requests_sent,
+            "downloads_sent": self.downloads_sent,
             "reused": self.reused,
             "latency_ms": {f"p{q}": self.latency.percentile(q) for q in (50, 95, 99)},
             "top_classes": dict(self.classes.most_common(10)),
+            "done_earlier": self.done_earlier,
+            "not_started": self.not_started,
             "interrupted": self.interrupted,
             "aborted": self.aborted,
         }
@@ -101,10 +108,20 @@ class RunStats:
         """The human summary printed to stderr at the end of a run."""
         data = self.to_dict()
         elapsed = data["elapsed_s"]
-        lines = [
+        lines = []
+        if self.done_earlier:
+            inputs = self.done_earlier + self.total + self.not_started
+            lines.append(
+                f"{inputs} inputs: {self.done_earlier} done earlier, {self.total} now"
+                + (f", {self.not_started} not started" if self.not_started else "")
+            )
+            if not self.total and not self.not_started:
+                lines.append("  nothing left to do: every input already has its row")
+                return "\n".join(lines)
+        lines.append(
             f"{data['total']} images in {elapsed:.{2 if elapsed < 10 else 1}f} s "
-            f"({data['images_per_s']:.1f} images/s): {data['ok']} ok, {data['failed']} failed",
-        ]
+            f"({data['images_per_s']:.1f} images/s): {data['ok']} ok, {data['failed']} failed"
+        )
         if self.failed_by_type:
             parts = ", ".join(f"{name} {count}" for name, count in self.failed_by_type.items())
             lines.append(f"  failed by type: {parts}")
@@ -113,6 +130,7 @@ class RunStats:
             lines.append(
                 f"  latency p50 {latency['p50']:.0f} ms, p95 {latency['p95']:.0f} ms, "
                 f"p99 {latency['p99']:.0f} ms; {self.requests_sent} requests sent"
+                + (f", {self.downloads_sent} image downloads" if self.downloads_sent else "")
             )
         if self.reused:
             lines.append(f"  {self.reused} duplicates answered from an identical copy")
@@ -122,6 +140,8 @@ class RunStats:
         unsure = self.ok - sum(self.classes.values())
         if unsure:
             lines.append(f'  {unsure} ok with no class over the confidence threshold (top "")')
+        if self.not_started:
+            lines.append(f"  {self.not_started} inputs not started (the run stopped)")
         if self.interrupted:
             lines.append("  interrupted: the results above are complete for what was written")
         return "\n".join(lines)

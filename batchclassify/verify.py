@@ -152,7 +152,7 @@ def _csv_rows(path: Path) -> Iterator[str]:
     with path.open(encoding="utf-8", errors="replace", newline="") as handle:
         rows = csv.reader(handle)
         header = next(rows, None)
-        if header is not None and tuple(header) != CSV_COLUMNS:
+        if header is not None and tuple(header[: len(CSV_COLUMNS)]) != CSV_COLUMNS:
             yield "<not the CSV header of batchclassify>"
             return
         for row in rows:

@@ -134,8 +134,10 @@ async def test_mixed_sources_in_one_run(
     stdin = io.StringIO(f"{stdin_image}\n")
     results = {r.source: r async for r in iter_results(specs, options(url), stdin=stdin)}
     assert set(folder) <= set(results)
-    assert results[str(listed)].ok
-    assert results[f"{web}/remote.jpg"].ok
+    # A list's entry keeps its own words as the source; the file it names is the path.
+    assert results["img/listed.png"].ok
+    assert results["img/listed.png"].path == str(listed)
+    assert results[f"{web}/remote.jpg"].ok and results[f"{web}/remote.jpg"].path is None
     assert results[f"{web}/remote.jpg"].top == predict(image_bytes(seed=99))["top"]
     gone = results[f"{web}/gone.jpg"]
     assert gone.status == "error" and gone.error is not None and gone.error.http_status == 404
