@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import ast
 import asyncio
 import contextlib
+import ctypes
+import difflib
+import glob
 import logging
 import os
+import re
 import signal
 import sys
 import traceback
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from batchclassify import __version__, emulator, report, verify
 from batchclassify.config import ResolvedSettings, RunSettings, format_settings, resolve_settings
@@ -41,7 +47,7 @@ examples:
       --endpoint http://localhost:9001 --out -
 
 exit codes: 0 all ok, 1 finished with failed items, 2 usage/configuration/fatal API error
-(bad key, unknown model), 130 interrupted.
+(bad key, unknown model), 130 interrupted (the same command with --resume continues).
 """
 
 
@@ -62,13 +68,89 @@ example:
 """
 
 
+#: where a (sub)parser that met arguments it does not know leaves itself in the namespace
+_UNRECOGNIZED_BY = "_batchclassify_unrecognized_by"
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors suggest the nearest option or command for a typo
+    (``--concurency``: did you mean --concurrency?), as argparse itself does not before
+    Python 3.14; and which reports unknown arguments with the usage of the (sub)command they
+    were given to, not the top-level one."""
+
+    def parse_args(self, *args: Any, **kwargs: Any) -> Any:
+        namespace, extras = self.parse_known_args(*args, **kwargs)
+        owner = vars(namespace).pop(_UNRECOGNIZED_BY, self)
+        if extras:
+            owner.error(f"unrecognized arguments: {' '.join(extras)}")
+        return namespace
+
+    def parse_known_args(self, *args: Any, **kwargs: Any) -> Any:
+        # A subcommand's parser runs first and returns what it did not know; its namespace is
+        # copied into its parent's, so the innermost parser that had leftovers is remembered.
+        namespace, extras = super().parse_known_args(*args, **kwargs)
+        if extras and not hasattr(namespace, _UNRECOGNIZED_BY):
+            setattr(namespace, _UNRECOGNIZED_BY, self)
+        return namespace, extras
+
+    def error(self, message: str) -> NoReturn:
+        super().error(message + self._suggestion(message))
+
+    def _suggestion(self, message: str) -> str:
+        if "did you mean" in message or "maybe you meant" in message:
+            return ""  # a Python that suggests by itself
+        unknown = re.search(r"unrecognized arguments: (.*)", message)
+        if unknown:
+            options = [name for name in self._option_string_actions if name.startswith("--")]
+            pairs = []
+            for word in unknown[1].split():
+                if word.startswith("--"):
+                    typed = word.split("=", 1)[0]
+                    match = _closest(typed, options)
+                    if match:
+                        pairs.append((typed, match))
+            if len(pairs) == 1:
+                return f"; did you mean {pairs[0][1]}?"
+            if pairs:
+                return "; did you mean " + ", ".join(f"{m} for {t}" for t, m in pairs) + "?"
+            return ""
+        choice = re.search(r"argument (.+?): invalid choice: ('[^']*'|\"[^\"]*\")", message)
+        if choice:
+            with contextlib.suppress(ValueError, SyntaxError):
+                typed = str(ast.literal_eval(choice[2]))
+                match = _closest(typed, self._choices_of(choice[1]))
+                if match:
+                    return f"; did you mean {match}?"
+        return ""
+
+    def _choices_of(self, name: str) -> list[str]:
+        """The choices of the argument that argparse calls ``name`` in its messages (an
+        option's strings, or a positional's metavar or dest, e.g. COMMAND)."""
+        for action in self._actions:
+            if action.choices is None:
+                continue
+            names = {"/".join(action.option_strings), action.metavar, action.dest}
+            if name in names:
+                return [str(choice) for choice in action.choices]
+        return []
+
+
+def _closest(typed: str, candidates: Sequence[str]) -> str | None:
+    """The candidate a typo most likely meant, compared without the leading dashes."""
+    bare = {candidate.lstrip("-"): candidate for candidate in candidates}
+    matches = difflib.get_close_matches(typed.lstrip("-"), list(bare), n=1, cutoff=0.7)
+    return bare[matches[0]] if matches else None
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="batchclassify",
         description="Classify very many images through a Roboflow-compatible HTTP API.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=_Parser
+    )
 
     run_parser = commands.add_parser(
         "run",
@@ -102,7 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Show the settings a run would use, and where each comes from (default, "
         "config file, environment, command line). The API key is never shown.",
     )
-    config_commands = config_parser.add_subparsers(dest="config_command", required=True)
+    config_commands = config_parser.add_subparsers(
+        dest="config_command", required=True, parser_class=_Parser
+    )
     show = config_commands.add_parser(
         "show",
         help="print the effective settings (accepts every 'run' option)",
@@ -126,21 +210,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     report_parser = commands.add_parser(
         "report",
-        help="write a self-contained HTML report of a results JSONL file",
-        description="Summarise a results JSONL file as one self-contained HTML page: totals, "
-        "class distribution, confidence histogram, the least confident images, errors and "
-        "latency.",
+        help="write a self-contained HTML report of a results file (.jsonl, .csv or .parquet)",
+        description="Summarise a results file as one self-contained HTML page: the run's "
+        "settings, totals, class distribution, confidence histogram, the least confident "
+        "images, errors and latency. Exit 2 when the file is not results at all.",
         epilog="example:\n  batchclassify report results.jsonl -o report.html --summary s.json",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     report_parser.add_argument(
-        "results", metavar="RESULTS.jsonl", help="results written by run --out"
+        "results",
+        metavar="RESULTS",
+        help="results written by run --out: .jsonl (or .ndjson), .csv, or .parquet (with pyarrow)",
     )
     report_parser.add_argument(
         "--out", "-o", metavar="FILE.html", help="where to write the page (default: RESULTS.html)"
     )
     report_parser.add_argument(
         "--summary", metavar="FILE.json", help="the run's --summary file, for elapsed time and rate"
+    )
+    report_parser.add_argument(
+        "--state",
+        metavar="PATH",
+        help="the run's state file, for its model, endpoint and settings (opened read-only; "
+        "default: RESULTS.state, if there is one)",
     )
     report_parser.add_argument(
         "--overwrite", action="store_true", help="replace an existing report"
@@ -218,7 +310,8 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         default=None,
         help="start the built-in emulator on a free loopback port and run against "
-        "it (offline, no key needed)",
+        "it (offline, no key needed); wins over an endpoint from the environment or a config "
+        "file (a dry run of a real job), refused beside --endpoint",
     )
 
     io_group = parser.add_argument_group("inputs and outputs")
@@ -228,7 +321,7 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
         action="append",
         metavar="FILE",
         help="write results to FILE: .jsonl, .csv or .parquet (needs pyarrow) by extension, "
-        "- for JSONL on stdout; repeat for several outputs",
+        "- for JSONL on stdout (once); repeat for several outputs",
     )
     io_group.add_argument(
         "--overwrite",
@@ -313,7 +406,7 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     job.add_argument(
         "--shard",
         metavar="K/N",
-        help="take only shard K of N (0-based) of the inputs, to split one job over "
+        help="take only shard K of N (K = 0..N-1) of the inputs, to split one job over "
         "N machines with no coordination",
     )
 
@@ -423,7 +516,9 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
         "-v",
         action="count",
         default=0,
-        help="log retries, rate changes and outages to stderr (-vv: debug)",
+        help="log retries, rate changes and outages to stderr, and what the image library "
+        "says about odd files (kept quiet otherwise: they are reported in their rows); "
+        "-vv: debug",
     )
     ux.add_argument(
         "--progress",
@@ -547,8 +642,23 @@ async def _run_job(sources: list[str], settings: RunSettings, *, scan: bool) -> 
         if interrupts.received:
             break
     if interrupts.received:
+        _say(_how_to_continue(state.path is not None, scan=scan, resuming=settings.resume))
         return EXIT_INTERRUPTED
     return EXIT_OK if stats.failed == 0 else EXIT_FAILED_ITEMS
+
+
+def _how_to_continue(has_state: bool, *, scan: bool, resuming: bool) -> str:
+    """The last line of a run stopped by Ctrl-C or SIGTERM: what to do next."""
+    if not has_state:
+        return (
+            "interrupted: the inputs not reached were not classified, and without a state file "
+            "(--no-state, or no --out FILE) a new run starts over"
+        )
+    if scan:
+        return "interrupted: run the same scan again to continue (done files cost no request)"
+    if resuming:
+        return "interrupted: run the same command again to continue where it stopped"
+    return "interrupted: run the same command with --resume to continue where it stopped"
 
 
 class _Interrupts:
@@ -602,6 +712,7 @@ def _report_command(args: argparse.Namespace) -> int:
             output,
             overwrite=args.overwrite,
             summary_path=Path(args.summary) if args.summary else None,
+            state_path=Path(args.state) if args.state else None,
             thumbnails=args.thumbnails,
             thumb_size=args.thumb_size,
         )
@@ -635,6 +746,100 @@ def _configure_logging(verbosity: int) -> None:
     root = logging.getLogger()
     root.addHandler(handler)
     root.setLevel(level)
+    _route_image_library_messages(verbosity)
+
+
+#: Pillow's loggers; libtiff's messages are logged under PIL.libtiff
+_PIL_LOGGER = "PIL"
+
+
+def _route_image_library_messages(verbosity: int) -> None:
+    """What Pillow and the C libraries under it say about odd or broken files goes through our
+    logging, and only with -v: each such file is already reported in its row (corrupt,
+    truncated, ...), and lines on stderr from decoder threads would garble the progress bar.
+
+    * Pillow's ``logging`` records (``PIL.*``): none without -v (Pillow logs an ERROR for some
+      broken TIFFs), INFO and up with -v, its debug output with -vv.
+    * Pillow's ``warnings`` (odd EXIF, truncated TIFF tags, decompression-bomb warnings):
+      warnings become log records (``py.warnings``); without -v Pillow's are ignored. prepare
+      ignores warnings too, but ``catch_warnings`` is process-global before Python 3.14, so
+      with several decoder threads one can slip past it.
+    * libtiff prints its errors ("ZIPDecode: Decoding error at scanline 0, ...") from C
+      straight to stderr (Pillow silences only its warnings): see :func:`_route_libtiff`.
+    """
+    logging.getLogger(_PIL_LOGGER).setLevel(
+        logging.CRITICAL + 1 if verbosity == 0 else logging.NOTSET
+    )
+    logging.captureWarnings(True)
+    if verbosity == 0:
+        warnings.filterwarnings("ignore", module=r"PIL(\.|$)")
+    _route_libtiff()
+
+
+# libtiff's handler type: void (*)(const char *module, const char *fmt, va_list ap). A va_list
+# argument is passed as a pointer on the usual ABIs (x86-64, AArch64, and where it is char *),
+# and vsnprintf takes it the same way.
+_TIFF_HANDLER = ctypes.CFUNCTYPE(None, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_void_p)
+_libtiff_handlers: list[Any] = []  # ctypes callbacks must outlive their registration
+
+
+def _route_libtiff() -> None:
+    """Give the libtiff inside Pillow error and warning handlers that log (under PIL.libtiff)
+    instead of its default ones, which write to file descriptor 2 from C. Only libtiff's
+    messages change way: nothing else written to stderr is touched. Best effort: where the
+    library or vsnprintf cannot be found, libtiff keeps its own handlers."""
+    if sys.platform == "win32" or _libtiff_handlers:
+        return
+    try:
+        libc = ctypes.CDLL(None)
+        vsnprintf = libc.vsnprintf
+        vsnprintf.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p, ctypes.c_void_p]
+        vsnprintf.restype = ctypes.c_int
+        libraries = [ctypes.CDLL(path) for path in _loaded_libtiff_paths()]
+    except (OSError, AttributeError):
+        return
+    logger = logging.getLogger(f"{_PIL_LOGGER}.libtiff")
+
+    def handler_at(level: int) -> Any:
+        def handle(module: bytes | None, fmt: bytes | None, args: int | None) -> None:
+            if not logger.isEnabledFor(level) or fmt is None:
+                return  # formatting is skipped too: nothing would show
+            buffer = ctypes.create_string_buffer(1024)
+            vsnprintf(buffer, len(buffer), fmt, args)
+            text = buffer.value.decode("utf-8", "replace")
+            logger.log(level, "%s: %s", (module or b"libtiff").decode("utf-8", "replace"), text)
+
+        callback = _TIFF_HANDLER(handle)
+        _libtiff_handlers.append(callback)
+        return callback
+
+    errors, warnings_ = handler_at(logging.INFO), handler_at(logging.DEBUG)
+    for library in libraries:
+        with contextlib.suppress(AttributeError):
+            library.TIFFSetErrorHandler.argtypes = [_TIFF_HANDLER]
+            library.TIFFSetErrorHandler(errors)
+            library.TIFFSetWarningHandler.argtypes = [_TIFF_HANDLER]
+            library.TIFFSetWarningHandler(warnings_)
+
+
+def _loaded_libtiff_paths() -> list[str]:
+    """The libtiff this process has loaded for Pillow (its wheel bundles its own copy, and
+    the symbols of a library loaded for an extension module are not global)."""
+    from PIL import Image  # noqa: F401  (loads Pillow's C module, and libtiff with it)
+
+    paths: list[str] = []
+    with contextlib.suppress(OSError), open("/proc/self/maps", encoding="utf-8") as maps:
+        for line in maps:
+            fields = line.split(maxsplit=5)
+            if len(fields) == 6 and os.path.basename(fields[5].strip()).startswith("libtiff"):
+                path = fields[5].strip()
+                if path not in paths:
+                    paths.append(path)
+    if not paths:  # macOS wheels: PIL/.dylibs/
+        import PIL
+
+        paths = glob.glob(os.path.join(os.path.dirname(PIL.__file__), ".dylibs", "libtiff*"))
+    return paths
 
 
 #: this invocation's secrets (the key, the endpoint's credentials): never printed

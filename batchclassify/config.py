@@ -311,7 +311,46 @@ def resolve_settings(
         origins[name] = "command line"
     if values.get("api_key_file"):
         _read_key_file(values, origins, warnings, stdin=stdin)
+    if values.get("emulate") and "endpoint" in origins:
+        _settle_emulate_and_endpoint(values, origins)
     return ResolvedSettings(RunSettings(**values), origins, tuple(warnings))
+
+
+def _settle_emulate_and_endpoint(values: dict[str, Any], origins: dict[str, str]) -> None:
+    """``--emulate`` and ``--endpoint`` exclude each other. From different levels, the higher
+    one wins as any setting does (``run --config hosted.toml --emulate`` is a dry run of a real
+    job) and ``config show`` says which was set aside; from the same level it is a mistake."""
+    emulate, endpoint = _level(origins["emulate"]), _level(origins["endpoint"])
+    if emulate == endpoint:
+        raise ConfigError(
+            f"--emulate ({_origin(origins['emulate'])}) and --endpoint "
+            f"({_origin(origins['endpoint'])}) cannot be used together: --emulate runs against "
+            "the built-in emulator, not an endpoint; drop one of them"
+        )
+    if emulate > endpoint:
+        values.pop("endpoint")
+        origins["endpoint"] = (
+            f"default; not used: --emulate ({_origin(origins['emulate'])}) wins over the "
+            f"endpoint {_origin(origins['endpoint'])}"
+        )
+    else:
+        values["emulate"] = False
+        origins["emulate"] = (
+            f"not used: --endpoint ({_origin(origins['endpoint'])}) wins over --emulate "
+            f"{_origin(origins['emulate'])}"
+        )
+
+
+def _level(origin: str) -> int:
+    """Precedence of where a setting came from: command line > environment > config file."""
+    if origin == "command line":
+        return 3
+    return 2 if origin.startswith("environment") else 1
+
+
+def _origin(origin: str) -> str:
+    """``"environment BATCHCLASSIFY_EMULATE"`` -> ``"from environment BATCHCLASSIFY_EMULATE"``."""
+    return "on the command line" if origin == "command line" else f"from {origin}"
 
 
 def _read_key_file(

@@ -200,7 +200,8 @@ def prepare_bytes(data: bytes, options: PrepareOptions, *, name: str) -> Prepare
     # ourselves and report problems as InputErrors; a warning printed from a worker thread would
     # only garble the progress bar. catch_warnings is process-global before Python 3.14, so with
     # several threads a warning may still slip through (or, under "warnings as errors", be
-    # raised): such exceptions are caught below like any other.
+    # raised): such exceptions are caught below like any other. The command line therefore
+    # also ignores Pillow's warnings process-wide unless -v is given (cli.py).
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
@@ -210,7 +211,7 @@ def prepare_bytes(data: bytes, options: PrepareOptions, *, name: str) -> Prepare
                 f"{name}: not an image (not a format Pillow can read)", kind="not_an_image"
             ) from None
         except Exception as exc:  # Pillow's parsers raise all sorts on broken headers
-            raise _decode_error(name, "image", exc) from None
+            raise _decode_error(name, None, exc) from None
         with image:
             _check_pixels(image, options, name)
             if _can_pass_through(image, data, options, name):
@@ -608,7 +609,7 @@ def _convert(
     except InputError:
         raise
     except Exception as exc:  # a per-item failure must never take the run down
-        raise _decode_error(name, str(image.format), exc) from None
+        raise _decode_error(name, image.format, exc) from None
     encoded = out.getvalue()
     if _base64_size(len(encoded)) > options.max_upload_bytes:
         raise _too_large(name, len(encoded), options, reencoded=True)
@@ -696,9 +697,10 @@ def _far_too_large(name: str, size: int) -> InputError:
     )
 
 
-def _truncated(name: str, fmt: str) -> InputError:
+def _truncated(name: str, fmt: str | None) -> InputError:
+    what = f"{fmt} file" if fmt else "file"
     return InputError(
-        f"{name}: truncated {fmt} file: it ends before the image data does "
+        f"{name}: truncated {what}: it ends before the image data does "
         "(an interrupted download or copy?)",
         kind="truncated",
     )
@@ -710,8 +712,10 @@ def _human(size: int) -> str:
     return f"{size / 1024:.1f} KB" if size >= 1024 else f"{size} bytes"
 
 
-def _decode_error(name: str, fmt: str, exc: Exception) -> InputError:
+def _decode_error(name: str, fmt: str | None, exc: Exception) -> InputError:
+    """``fmt``: the format's name, ``None`` when not even that is known (the header broke)."""
     detail = str(exc) or type(exc).__name__
+    image = f"{fmt} image" if fmt else "image"
     if isinstance(exc, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
         pixels = re.search(r"\((\d+) pixels\)", detail)
         too_many = f"{int(pixels[1]) / 1e6:.0f} MP is" if pixels else "too many pixels:"
@@ -722,7 +726,7 @@ def _decode_error(name: str, fmt: str, exc: Exception) -> InputError:
     if isinstance(exc, EOFError) or "truncated" in detail.lower():
         return _truncated(name, fmt)
     if isinstance(exc, MemoryError):
-        return InputError(f"{name}: not enough memory to decode this {fmt} image", kind="too_large")
+        return InputError(f"{name}: not enough memory to decode this {image}", kind="too_large")
     if "not supported" in detail or ("decoder" in detail and "not available" in detail):
-        return InputError(f"{name}: cannot decode {fmt} images here ({detail})", kind="unsupported")
-    return InputError(f"{name}: corrupt {fmt} image ({detail})", kind="corrupt")
+        return InputError(f"{name}: cannot decode this {image} here ({detail})", kind="unsupported")
+    return InputError(f"{name}: corrupt {image} ({detail})", kind="corrupt")

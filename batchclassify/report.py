@@ -1,86 +1,151 @@
-"""One self-contained HTML page that says how a run went, built from its results JSONL.
+"""One self-contained HTML page that says how a run went, built from its results file.
+
+The results may be the JSONL, CSV or Parquet that ``batchclassify run --out`` wrote (told apart
+by the file name's extension). CSV is the lossy one: cells that a spreadsheet would run as a
+formula were written with a leading ``'``, which is taken off again here, and a class name
+holding ``;`` cannot be told apart from two classes. Parquet needs ``pyarrow``
+(``pip install 'batchclassify[parquet]'``). A file that is mostly not result records (more
+unreadable rows than readable ones, or not a single readable one) is refused with a
+:class:`ConfigError`, rather than shown as an empty run.
 
 The page is meant to be mailed, attached to a ticket or opened from an archive years later, so it
 loads nothing: CSS and SVG charts are inline, thumbnails are ``data:`` URIs, there is no
-JavaScript, and a Content-Security-Policy forbids fetching anything else. Every string that came
-from the results (sources, class names, error messages) is HTML-escaped.
+JavaScript, and a Content-Security-Policy forbids fetching anything else. Each thumbnail links to
+its file (a ``file://`` URL, followed only when someone clicks it). Every string that came from
+the results (sources, class names, error messages) is HTML-escaped. The header shows the run's
+settings (model, endpoint without credentials, confidence threshold, max size), read from the
+run's state file (opened read-only) or its summary when either is at hand.
 
-The results file is read once, line by line, in constant memory: counts go into a
-:class:`~batchclassify.summary.RunStats` (the same totals and latency percentiles the run printed)
-plus a few counters, and only the ``thumbnails`` least-confident rows are kept, in a bounded heap.
-A malformed line (torn last line of a killed run, hand-edited row, binary junk, an overlong line)
-is counted and reported as "N unreadable lines", never fatal.
+The results file is read once, row by row, in constant memory (Parquet: one row group at a time):
+counts go into a :class:`~batchclassify.summary.RunStats` (the same totals and latency
+percentiles the run printed) plus a few counters, and only the ``thumbnails`` least-confident rows
+are kept, in a bounded heap. A malformed line (torn last line of a killed run, hand-edited row,
+binary junk, an overlong line) is counted and reported as "N unreadable lines".
 
-Numbers that tests and scripts can read back from the page (element text is the bare number)::
+Values that tests and scripts can read back from the page (element text is the bare value)::
 
     id="total"  id="ok"  id="failed"  id="unreadable"  id="no-class"    integers
     id="failure-rate"                                                   e.g. "12.5%" ("–" if empty)
     id="latency-p50"  id="latency-p95"  id="latency-p99"                ms, ok rows ("–" if none)
     id="elapsed"  id="images-per-s"  id="requests-sent"                 only with a summary file
-    <td class="count" data-class="NAME">N</td>                          ok rows whose top is NAME
-    <td class="predicted" data-class="NAME">N</td>                      ok rows with NAME among
-                                                                        predicted_classes (only
-                                                                        for multi-label results)
+    id="results-date"                                                   the results file's mtime,
+                                                                        ISO 8601 with UTC offset
+    id="model"  id="endpoint"  id="confidence-threshold"  id="max-size" only when the state or the
+                                                                        summary tells; threshold
+                                                                        "default" (the server's),
+                                                                        max size in px or "none"
+    <g class="class-bar" data-class="NAME" data-count="N">              ok rows whose top is NAME:
+    <li class="class-row" data-class="NAME" data-count="N">             a bar of the chart (the
+                                                                        CHART_CLASSES largest), or
+                                                                        a row of the list of the
+                                                                        other classes below it
+        … data-predicted="M"                                            on both, only for
+                                                                        multi-label results: ok
+                                                                        rows with NAME among
+                                                                        predicted_classes
     <td class="error-count" data-error-type="TYPE">N</td>               failed rows by error.type
     <td class="status-count" data-error-type="TYPE" data-http-status="S">N</td>
-                                                                        … and http_status ("none")
+                                                                        … that have http_status S
+                                                                        (table only when some do)
     <rect class="bin" data-bin="0.9-1.0" data-count="N">                confidence histogram
-    <figure class="thumb" data-source="…" data-confidence="…">          a least-confident row
+    <figure class="thumb" data-source="…" data-confidence="…">          a least-confident row (not
+                                                                        a duplicate_of another);
+                                                                        its <a href="file://…">
+                                                                        opens the file
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
+import csv
 import heapq
 import io
 import json
 import math
 import os
 import re
+import sqlite3
 import stat
 import tempfile
+import unicodedata
 import warnings
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from html import escape
 from pathlib import Path
 from typing import IO, Any
+from urllib.parse import quote
 
 from PIL import Image, ImageOps
 
-from batchclassify.errors import ConfigError, redact
+from batchclassify.errors import ConfigError, redact, without_userinfo
 from batchclassify.model import Result
 from batchclassify.summary import RunStats
+from batchclassify.text import valid_unicode
 
 __all__ = ["build_report", "write_report"]
 
 #: bins of the confidence histogram, over [0, 1]
 CONFIDENCE_BINS = 10
-#: a longer line is skipped unread (and counted unreadable) so that memory stays bounded
+#: a longer line (or CSV row) is skipped unread (and counted unreadable): memory stays bounded
 MAX_LINE_BYTES = 4 * 1024 * 1024
-#: classes drawn in the bar chart; the table below it lists them all
+#: classes drawn in the bar chart; the others are listed below it
 CHART_CLASSES = 30
 #: distinct example messages shown per error type
 EXAMPLES_PER_TYPE = 3
 #: line numbers of unreadable lines quoted in the page
 QUOTED_LINES = 5
+#: Parquet rows decoded at a time
+PARQUET_BATCH = 1024
+
+#: results formats by file name extension, as ``run --out`` chooses them
+FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".parquet": "parquet"}
+#: the run settings shown in the header: names in the state's ``meta`` table and the summary
+SETTINGS = ("model", "endpoint", "confidence", "max_size")
 
 _URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 _CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
+# Stands for CR while csv.reader splits a row: a noncharacter, which results have no use for
+# (a CSV line that holds one is counted unreadable rather than misread).
+_CR = "\ufdd0"
+# What :func:`batchclassify.text.csv_cell` prefixes with ``'`` (tests check the two agree).
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+# The Parquet columns the report reads (ParquetSink's names), plus ``path`` when there is one.
+_PARQUET_COLUMNS = (
+    "source",
+    "status",
+    "top",
+    "confidence",
+    "predicted_classes",
+    "error_type",
+    "error_message",
+    "http_status",
+    "attempts",
+    "latency_ms",
+    "duplicate_of",
+    "source_bytes",
+    "path",
+)
 
 
 def build_report(
     results_path: Path,
     *,
     summary_path: Path | None = None,
+    state_path: Path | None = None,
     thumbnails: int = 24,
     thumb_size: int = 160,
 ) -> str:
     """Return the HTML report for ``results_path`` (and the run's ``--summary`` JSON, if given).
 
-    Raises :class:`ConfigError` when a file cannot be opened or the summary is not JSON; problems
-    inside the results file only show up in the page.
+    The run's settings come from ``state_path``, or else from the state beside the results
+    (``RESULTS.state``, or that of a sibling output with the same stem); a missing or damaged
+    state only leaves them out. Raises :class:`ConfigError` when a file cannot be opened, the
+    summary is not JSON, the results' format is unknown, or the file is not results at all;
+    smaller problems inside the results file show up in the page.
     """
     if thumbnails < 0 or thumb_size < 16:
         raise ConfigError("thumbnails must be >= 0 and thumb_size >= 16 pixels")
@@ -88,13 +153,16 @@ def build_report(
     tally = _Tally(keep=thumbnails)
     try:
         with open(results_path, "rb") as stream:
-            for number, line in enumerate(_lines(stream), start=1):
-                tally.add_line(number, line)
+            modified = os.fstat(stream.fileno()).st_mtime
+            for row in _rows(results_path, stream):
+                tally.add_row(row)
     except OSError as exc:
         raise ConfigError(
             f"cannot read results {str(results_path)!r}: {exc.strerror or exc}"
         ) from exc
-    return _page(results_path, tally, summary, thumb_size)
+    _check_is_results(results_path, tally)
+    run = _run_info(results_path, modified, state_path, summary)
+    return _page(results_path, tally, summary, run, thumb_size)
 
 
 def write_report(
@@ -103,6 +171,7 @@ def write_report(
     *,
     overwrite: bool = False,
     summary_path: Path | None = None,
+    state_path: Path | None = None,
     thumbnails: int = 24,
     thumb_size: int = 160,
 ) -> Path:
@@ -117,7 +186,11 @@ def write_report(
     if output.exists() and results_path.exists() and output.samefile(results_path):
         raise ConfigError(f"report file {str(output)!r} is the results file itself")
     page = build_report(
-        results_path, summary_path=summary_path, thumbnails=thumbnails, thumb_size=thumb_size
+        results_path,
+        summary_path=summary_path,
+        state_path=state_path,
+        thumbnails=thumbnails,
+        thumb_size=thumb_size,
     )
     try:
         if overwrite and output.exists():
@@ -157,7 +230,45 @@ def _read_summary(path: Path) -> dict[str, Any]:
     return data
 
 
+def _check_is_results(path: Path, tally: _Tally) -> None:
+    """Refuse a file that is mostly not result records: an empty report would say the run did
+    nothing, when the file given is simply not its results."""
+    bad, good = tally.unreadable, tally.stats.total
+    if bad and (not good or bad > good):
+        first = tally.unreadable_at[0] if tally.unreadable_at else "?"
+        raise ConfigError(
+            f"{_shown(str(path))!r} does not look like batchclassify results: {bad} of its "
+            f"{bad + good} rows are not result records (the first at line {first}). Give the "
+            ".jsonl, .csv or .parquet file written by 'batchclassify run --out'."
+        )
+
+
 # --- reading ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Row:
+    """One row of the results file: where it starts (a line number, or a row number for
+    Parquet), its record in the shape of :meth:`Result.to_dict` (``None`` if it is unreadable),
+    and whether it ends without a newline (the torn last line of a killed run)."""
+
+    number: int
+    record: dict[str, Any] | None
+    torn: bool = False
+
+
+def _rows(path: Path, stream: IO[bytes]) -> Iterator[_Row]:
+    kind = FORMATS.get(path.suffix.lower())
+    if kind == "jsonl":
+        return _jsonl_rows(stream)
+    if kind == "csv":
+        return _csv_rows(path, stream)
+    if kind == "parquet":
+        return _parquet_rows(path, stream)
+    raise ConfigError(
+        f"cannot tell the format of results {_shown(str(path))!r} from its name: give the "
+        ".jsonl (or .ndjson), .csv or .parquet file written by 'batchclassify run --out'"
+    )
 
 
 def _lines(stream: IO[bytes]) -> Iterator[bytes | None]:
@@ -172,16 +283,237 @@ def _lines(stream: IO[bytes]) -> Iterator[bytes | None]:
         yield None
 
 
-def _parse(line: bytes) -> Result | None:
-    """The result on ``line``, or ``None`` if it is not a well-formed result record."""
+def _jsonl_rows(stream: IO[bytes]) -> Iterator[_Row]:
+    for number, line in enumerate(_lines(stream), start=1):
+        if line is None:
+            yield _Row(number, None)
+        elif line.strip():
+            yield _Row(number, _json_object(line), torn=not line.endswith(b"\n"))
+
+
+def _json_object(line: bytes) -> dict[str, Any] | None:
     try:
         record = json.loads(line)
-        if not isinstance(record, dict) or not _well_formed(record):
-            return None
-        return Result.from_dict(record)
-    # RecursionError: deeply nested JSON; the rest: a record of the wrong shape.
-    except (ValueError, TypeError, KeyError, AttributeError, RecursionError):
+    # RecursionError: deeply nested JSON.
+    except (ValueError, RecursionError):
         return None
+    return record if isinstance(record, dict) else None
+
+
+class _BadLine(Exception):
+    """A CSV line that is overlong, not UTF-8, holds U+FDD0 or makes a row over
+    :data:`MAX_LINE_BYTES`."""
+
+
+class _CsvLines:
+    """The lines of a CSV file as text for :func:`csv.reader`, each one bounded, and each row
+    too (a quoted field can run over many lines). A bad line raises :class:`_BadLine` out of the
+    reader, which starts afresh at the next line: an iterator class, as a generator that raised
+    would be finished."""
+
+    def __init__(self, stream: IO[bytes]) -> None:
+        self._lines = _lines(stream)
+        #: lines read so far, and bytes of the row being read
+        self.number = 0
+        self.row_bytes = 0
+        self.ended_with_newline = True
+
+    def __iter__(self) -> _CsvLines:
+        return self
+
+    def __next__(self) -> str:
+        line = next(self._lines)
+        self.number += 1
+        if line is None:
+            raise _BadLine
+        self.ended_with_newline = line.endswith(b"\n")
+        self.row_bytes += len(line)
+        if self.row_bytes > MAX_LINE_BYTES:
+            raise _BadLine
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError:
+            raise _BadLine from None
+        if text.endswith("\r\n"):  # saved again on Windows
+            text = text[:-2] + "\n"
+        # The sink leaves a CR unquoted in a cell ('\r… after csv_cell), and csv.reader would
+        # end the row there: it travels as a noncharacter instead, put back by _csv_record.
+        if _CR in text:
+            raise _BadLine
+        return text.replace("\r", _CR)
+
+
+def _csv_rows(path: Path, stream: IO[bytes]) -> Iterator[_Row]:
+    lines = _CsvLines(stream)
+    reader = csv.reader(lines)
+    header: list[str] | None = None
+    while True:
+        start = lines.number + 1
+        lines.row_bytes = 0
+        try:
+            cells = next(reader)
+        except StopIteration:
+            return
+        except (csv.Error, _BadLine):
+            if header is None:
+                raise _not_results_csv(path, "its first line cannot be read") from None
+            yield _Row(start, None, torn=not lines.ended_with_newline)
+            continue
+        if not cells:  # a blank line
+            continue
+        if header is None:
+            header = _csv_header(path, cells)
+            continue
+        yield _Row(start, _csv_record(header, cells), torn=not lines.ended_with_newline)
+
+
+def _csv_header(path: Path, cells: list[str]) -> list[str]:
+    header = [cell.strip() for cell in cells]
+    header[0] = header[0].removeprefix("\ufeff")  # a spreadsheet may add a byte order mark
+    if "source" not in header or "status" not in header:
+        shown = ", ".join(header[:6]) + (", …" if len(header) > 6 else "")
+        raise _not_results_csv(path, f"its header has no source and status columns ({shown})")
+    return header
+
+
+def _not_results_csv(path: Path, why: str) -> ConfigError:
+    return ConfigError(
+        f"{_shown(str(path))!r} is not a results CSV written by 'batchclassify run --out': {why}"
+    )
+
+
+def _unneutralised(cell: str) -> str:
+    """``cell`` without the ``'`` that :func:`batchclassify.text.csv_cell` put before text a
+    spreadsheet would run as a formula."""
+    if cell.startswith("'") and cell[1:].startswith(_FORMULA_START):
+        return cell[1:]
+    return cell
+
+
+def _csv_record(header: list[str], cells: list[str]) -> dict[str, Any] | None:
+    """The record of a row in :data:`batchclassify.sinks.CSV_COLUMNS` (by name, in any order;
+    extra columns ignored), or ``None`` if the row does not fit the header or a number is not
+    one."""
+    if len(cells) != len(header):
+        return None
+    row: dict[str, str] = {}
+    for name, cell in zip(header, cells, strict=True):
+        # The first column of a name wins: kept list columns (--keep-columns) come after ours.
+        row.setdefault(name, _unneutralised(cell.replace(_CR, "\r")))
+
+    def text(name: str) -> str | None:
+        return row.get(name) or None
+
+    def number(name: str, kind: type[float] | type[int] = float) -> Any:
+        value = row.get(name, "").strip()
+        return kind(value) if value else None
+
+    try:
+        status = row["status"]
+        error = None
+        if status == "error" or row.get("error_type"):
+            error = {
+                "type": row.get("error_type") or "error",
+                "message": row.get("error") or "",
+                "http_status": number("http_status", int),
+            }
+        width, height = number("width", int), number("height", int)
+        image = None if width is None or height is None else {"width": width, "height": height}
+        classes = row.get("predicted_classes", "")
+        return {
+            "source": row["source"],
+            "status": status,
+            "top": text("top"),
+            "confidence": number("confidence"),
+            "predicted_classes": classes.split(";") if classes else [],
+            "image": image,
+            "inference_id": text("inference_id"),
+            "error": error,
+            "attempts": number("attempts", int) or 0,
+            "latency_ms": number("latency_ms"),
+            "duplicate_of": text("duplicate_of"),
+            "path": text("path"),
+        }
+    except ValueError:
+        return None
+
+
+def _parquet_rows(path: Path, stream: IO[bytes]) -> Iterator[_Row]:
+    pa, pq = _pyarrow()
+    try:
+        table = pq.ParquetFile(stream)
+        names = set(table.schema_arrow.names)
+    except (pa.ArrowException, ValueError) as exc:
+        raise ConfigError(f"{_shown(str(path))!r} is not a Parquet file: {exc}") from None
+    if "source" not in names or "status" not in names:
+        raise ConfigError(
+            f"{_shown(str(path))!r} is not a results Parquet file written by 'batchclassify run "
+            "--out': it has no source and status columns"
+        )
+    columns = [name for name in _PARQUET_COLUMNS if name in names]
+    number = 0
+    try:
+        for batch in table.iter_batches(batch_size=PARQUET_BATCH, columns=columns):
+            for values in batch.to_pylist():
+                number += 1
+                yield _Row(number, _parquet_record(values))
+    except (pa.ArrowException, ValueError) as exc:
+        raise ConfigError(f"cannot read results {_shown(str(path))!r}: {exc}") from None
+
+
+def _parquet_record(values: dict[str, Any]) -> dict[str, Any] | None:
+    """The record of a row of :class:`batchclassify.sinks.ParquetSink` (flat columns)."""
+    error = None
+    if values.get("status") == "error" or values.get("error_type"):
+        error = {
+            "type": values.get("error_type") or "error",
+            "message": values.get("error_message") or "",
+            "http_status": values.get("http_status"),
+        }
+    record = {
+        "source": values.get("source"),
+        "status": values.get("status"),
+        "top": values.get("top"),
+        "confidence": values.get("confidence"),
+        "predicted_classes": values.get("predicted_classes") or [],
+        "error": error,
+        "attempts": values.get("attempts") or 0,
+        "latency_ms": values.get("latency_ms"),
+        "duplicate_of": values.get("duplicate_of"),
+        "path": values.get("path"),
+    }
+    raw = values.get("source_bytes")
+    if raw:
+        if not isinstance(raw, bytes):
+            return None
+        record["source_bytes"] = base64.b64encode(raw).decode("ascii")
+    return record
+
+
+def _pyarrow() -> tuple[Any, Any]:
+    try:
+        import pyarrow
+        import pyarrow.parquet
+    except ImportError:
+        raise ConfigError(
+            "reading .parquet results needs pyarrow: pip install 'batchclassify[parquet]' (or "
+            "report the .jsonl or .csv output of the same run)"
+        ) from None
+    return pyarrow, pyarrow.parquet
+
+
+def _parse(record: dict[str, Any]) -> tuple[Result, str | None] | None:
+    """The result in ``record`` and its ``path`` field, or ``None`` if it is not a well-formed
+    result record."""
+    try:
+        if not _well_formed(record):
+            return None
+        result = Result.from_dict(record)
+    # A record of the wrong shape (bad base64 in source_bytes is a ValueError too).
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return None
+    path = record.get("path")
+    return result, path if isinstance(path, str) and path else None
 
 
 def _well_formed(record: dict[str, Any]) -> bool:
@@ -192,6 +524,7 @@ def _well_formed(record: dict[str, Any]) -> bool:
         isinstance(record.get("source"), str)
         and record.get("status") in ("ok", "error")
         and isinstance(record.get("top"), (str, type(None)))
+        and isinstance(record.get("duplicate_of"), (str, type(None)))
         and _number_or_none(record.get("confidence"))
         and _number_or_none(record.get("latency_ms"))
         and (
@@ -227,6 +560,8 @@ class _Doubtful:
     source: str
     top: str
     confidence: float
+    #: the row's ``path`` field: the input's resolved path, when the results carry it
+    path: str | None = None
 
 
 @dataclass
@@ -241,7 +576,8 @@ class _Tally:
     no_class: int = 0
     bins: list[int] = field(default_factory=lambda: [0] * CONFIDENCE_BINS)
     by_status: Counter[tuple[str, int | None]] = field(default_factory=Counter)
-    examples: dict[str, list[str]] = field(default_factory=dict)
+    #: per error type, up to EXAMPLES_PER_TYPE distinct ``(message, path or source)``
+    examples: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
     unreadable: int = 0
     unreadable_at: list[int] = field(default_factory=list)
     last_line_torn: bool = False
@@ -249,33 +585,31 @@ class _Tally:
     # row to drop when a less confident one arrives.
     _lowest: list[tuple[float, int, _Doubtful]] = field(default_factory=list)
 
-    def add_line(self, number: int, line: bytes | None) -> None:
-        if line is not None and not line.strip():
-            return
-        result = _parse(line) if line is not None else None
-        if result is None:
+    def add_row(self, row: _Row) -> None:
+        parsed = _parse(row.record) if row.record is not None else None
+        if parsed is None:
             self.unreadable += 1
             if len(self.unreadable_at) < QUOTED_LINES:
-                self.unreadable_at.append(number)
-            self.last_line_torn = line is not None and not line.endswith(b"\n")
+                self.unreadable_at.append(row.number)
+            self.last_line_torn = row.torn
             return
         self.last_line_torn = False
-        self.add(result, number)
+        self.add(*parsed, number=row.number)
 
-    def add(self, result: Result, number: int) -> None:
+    def add(self, result: Result, path: str | None = None, *, number: int) -> None:
         self.stats.add(result)
         if result.ok:
-            self._add_ok(result, number)
+            self._add_ok(result, path, number)
         else:
             error_type = result.error.type if result.error else "error"
             status = result.error.http_status if result.error else None
             self.by_status[error_type, status] += 1
             examples = self.examples.setdefault(error_type, [])
             message = result.error.message if result.error else "(no error details)"
-            if len(examples) < EXAMPLES_PER_TYPE and message not in examples:
-                examples.append(message)
+            if len(examples) < EXAMPLES_PER_TYPE and all(m != message for m, _ in examples):
+                examples.append((message, path or result.source))
 
-    def _add_ok(self, result: Result, number: int) -> None:
+    def _add_ok(self, result: Result, path: str | None, number: int) -> None:
         if not result.top:
             self.no_class += 1
         self.predicted.update(set(result.predicted_classes))
@@ -285,8 +619,10 @@ class _Tally:
             return
         confidence = float(result.confidence)
         self.bins[_bin(confidence)] += 1
-        if self.keep:
-            entry = (-confidence, -number, _Doubtful(result.source, result.top or "", confidence))
+        # A byte-identical copy got the same answer as its original: one of them is enough.
+        if self.keep and not result.duplicate_of:
+            row = _Doubtful(result.source, result.top or "", confidence, path)
+            entry = (-confidence, -number, row)
             if len(self._lowest) < self.keep:
                 heapq.heappush(self._lowest, entry)
             elif entry[:2] > self._lowest[0][:2]:
@@ -301,38 +637,135 @@ def _bin(confidence: float) -> int:
     return min(CONFIDENCE_BINS - 1, max(0, int(confidence * CONFIDENCE_BINS)))
 
 
+# --- the run's settings -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _RunInfo:
+    """What the header says about the run."""
+
+    #: the results file's modification time, local, ISO 8601
+    modified: str
+    #: of :data:`SETTINGS`, those the state or the summary tells
+    settings: dict[str, str]
+    #: the state file read, if any; the one looked for, if none could be read
+    state: Path | None
+    state_read: bool
+
+
+def _run_info(
+    results: Path, modified: float, state_path: Path | None, summary: dict[str, Any] | None
+) -> _RunInfo:
+    when = datetime.fromtimestamp(modified).astimezone().isoformat(timespec="seconds")
+    candidates = [state_path] if state_path is not None else _state_candidates(results)
+    settings: dict[str, str] = {}
+    found = None
+    for candidate in candidates:
+        meta = _read_state_meta(candidate)
+        if meta is not None:
+            settings, found = meta, candidate
+            break
+    for name in SETTINGS:  # the summary fills what the state does not tell
+        value = (summary or {}).get(name)
+        usable = isinstance(value, (str, int, float)) and not isinstance(value, bool)
+        if name not in settings and usable:
+            settings[name] = str(value)
+    return _RunInfo(when, settings, found or candidates[0], found is not None)
+
+
+def _state_candidates(results: Path) -> list[Path]:
+    """``RESULTS.state``; then the state of another output of the same run with the same stem
+    (``run --out r.jsonl --out r.csv`` keeps it beside the first one: ``r.jsonl.state``)."""
+    own = results.with_name(results.name + ".state")
+    siblings = [
+        results.with_name(results.stem + extension + ".state")
+        for extension in FORMATS
+        if extension != results.suffix.lower()
+    ]
+    return [own, *siblings]
+
+
+def _read_state_meta(path: Path) -> dict[str, str] | None:
+    """The run settings in a state file's ``meta`` table; ``None`` if there is no readable one.
+
+    The state is opened read-only. A state that is in use (a ``-wal`` file beside it) is read
+    through SQLite's locks; an idle one as immutable, which creates no ``-wal``/``-shm`` files
+    beside it (a read-only connection could not remove them again)."""
+    try:
+        if not path.is_file():
+            return None
+        in_use = path.with_name(path.name + "-wal").exists()
+        uri = path.absolute().as_uri() + ("?mode=ro" if in_use else "?mode=ro&immutable=1")
+        with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=2)) as db:
+            rows = db.execute("SELECT name, value FROM meta").fetchall()
+    except (sqlite3.Error, OSError, ValueError):
+        return None
+    return {
+        name: str(value)
+        for name, value in rows
+        if name in SETTINGS and isinstance(value, (str, int, float))
+    }
+
+
 # --- thumbnails -------------------------------------------------------------------------------
 
 
-def _thumbnail(source: str, base: Path, size: int) -> tuple[str | None, str]:
-    """A ``data:`` URI of a small JPEG of ``source``, or ``None`` and why there is none.
-
-    Relative paths are tried against the current folder, where the run most likely was started,
-    then against the results file's folder. URLs are never fetched: the page must be buildable
-    offline and must not leak that someone looked at it.
-    """
-    if _URL.match(source):
-        return None, "URL, not fetched"
-    path = _local_file(source, base)
-    if path is None:
-        return None, "file not found"
-    try:
-        return "data:image/jpeg;base64," + _encode_thumbnail(path, size), ""
-    # Any file can sit at a source path, and Pillow reports a bad one in many ways (OSError,
-    # ValueError, SyntaxError, struct.error, DecompressionBombError…). A preview is decoration:
-    # whatever goes wrong becomes a placeholder, never a failed report.
-    except Exception as exc:
-        return None, f"cannot preview: {type(exc).__name__}"
+def _preview_file(row: _Doubtful, base: Path) -> Path | None:
+    """The local file of ``row``: its ``path`` field, else (or if that is not found) ``source``
+    tried against the current folder, where the run most likely was started, then against the
+    results file's folder."""
+    names = [row.path] if row.path is not None else []
+    if not _URL.match(row.source):
+        names.append(row.source)
+    for name in names:
+        found = _local_file(name, base)
+        if found is not None:
+            return found
+    return None
 
 
-def _local_file(source: str, base: Path) -> Path | None:
-    for candidate in (Path(source), base / source):
+def _local_file(name: str, base: Path) -> Path | None:
+    for candidate in (Path(name), base / name):
         try:
             if candidate.is_file():
                 return candidate
         except (OSError, ValueError):  # ValueError: a NUL byte in the name
             continue
     return None
+
+
+def _file_url(row: _Doubtful, found: Path | None, base: Path) -> str | None:
+    """The ``file://`` URL the thumbnail links to: the file previewed, else the row's ``path``
+    or ``source`` resolved against the results file's folder; ``None`` for a URL source."""
+    if found is not None:
+        target = found
+    elif row.path is not None:
+        target = base / row.path
+    elif _URL.match(row.source):
+        return None
+    else:
+        target = base / row.source
+    # The exact bytes of the name (surrogateescape gives back a non-UTF-8 one), percent-encoded.
+    return "file://" + quote(os.fsencode(os.path.abspath(target)), safe="/")
+
+
+def _thumbnail(row: _Doubtful, found: Path | None, size: int) -> tuple[str | None, str]:
+    """A ``data:`` URI of a small JPEG of ``found``, or ``None`` and why there is none.
+
+    URLs are never fetched: the page must be buildable offline and must not leak that someone
+    looked at it.
+    """
+    if found is None:
+        if row.path is None and _URL.match(row.source):
+            return None, "URL, not fetched"
+        return None, "file not found"
+    try:
+        return "data:image/jpeg;base64," + _encode_thumbnail(found, size), ""
+    # Any file can sit at a source path, and Pillow reports a bad one in many ways (OSError,
+    # ValueError, SyntaxError, struct.error, DecompressionBombError…). A preview is decoration:
+    # whatever goes wrong becomes a placeholder, never a failed report.
+    except Exception as exc:
+        return None, f"cannot preview: {type(exc).__name__}"
 
 
 def _encode_thumbnail(path: Path, size: int) -> str:
@@ -368,39 +801,73 @@ def _on_white(image: Image.Image) -> Image.Image:
 
 # --- the page ---------------------------------------------------------------------------------
 
+#: Fonts for text in any script, with no download: the platform's UI font, then common system
+#: fonts that cover Latin, Cyrillic, Greek, CJK and Arabic (Linux: Noto, DejaVu; macOS; Windows).
+FONT_FAMILIES = (
+    'system-ui,-apple-system,"Segoe UI",Roboto,"Noto Sans","DejaVu Sans","Noto Sans CJK SC",'
+    '"Noto Sans CJK JP","Noto Sans CJK KR","Noto Sans Arabic","Noto Naskh Arabic","PingFang SC",'
+    '"Hiragino Sans","Microsoft YaHei","Yu Gothic","Malgun Gothic",Tahoma,"Arial Unicode MS",'
+    "sans-serif"
+)
+_MONO = 'ui-monospace,"DejaVu Sans Mono",Menlo,Consolas,' + FONT_FAMILIES.replace(
+    ",sans-serif", ",monospace"
+)
+
 _CSS = """
-body{font:15px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:#1d2330;
-margin:0;background:#f4f5f7}
+body{font:15px/1.45 FONTS;color:#1d2330;margin:0;background:#f4f5f7}
+code{font-family:MONO;font-size:13px}
 main{max-width:1100px;margin:0 auto;padding:24px}
 h1{font-size:24px;margin:0 0 4px}h2{font-size:18px;margin:0 0 12px}
 section{background:#fff;border:1px solid #dde1e7;border-radius:8px;padding:16px 20px;margin:16px 0}
 .muted{color:#5d6778}.note{background:#fff4d6;border:1px solid #f0d58a;border-radius:6px;
 padding:8px 12px}
+dl.run{display:grid;grid-template-columns:max-content minmax(0,1fr);gap:2px 16px;margin:8px 0}
+dl.run dt{font-size:14px}dl.run dd{font-size:14px;font-weight:400}
 dl.figures{display:flex;flex-wrap:wrap;gap:12px;margin:0}
 dl.figures div{min-width:140px;padding:8px 12px;border:1px solid #e4e7ec;border-radius:6px}
 dt{font-size:13px;color:#5d6778}dd{margin:0;font-size:22px;font-weight:600}
 table{border-collapse:collapse;margin-top:12px;width:100%}
 th,td{text-align:left;padding:4px 8px;border-bottom:1px solid #eceef2;vertical-align:top}
-td.count,td.predicted,td.error-count,td.status-count,th.num{text-align:right;
-font-variant-numeric:tabular-nums}
-td.name,code,.source{overflow-wrap:anywhere}
-svg{width:100%;height:auto;font:12px system-ui,sans-serif}
-svg .bar{fill:#4c78a8}svg .none{fill:#b5bcc7}svg .bin{fill:#59a14f}
+td.error-count,td.status-count,th.num{text-align:right;font-variant-numeric:tabular-nums}
+td.name,code,.source,dl.run dd,li.class-row{overflow-wrap:anywhere}
+svg{display:block;width:100%;height:auto;font:12px FONTS}
+svg .bar{fill:#4c78a8}svg .none{fill:#b5bcc7}svg .bin{fill:#59a14f}svg .also{fill:#9dbbd9}
 svg .axis{stroke:#8a93a3}svg text{fill:#1d2330}
+ul.classes{columns:3 16em;margin:8px 0 0;padding-left:18px}
 .thumbs{display:flex;flex-wrap:wrap;gap:12px}
 figure.thumb{margin:0;width:var(--size);font-size:12px}
 figure.thumb img,.placeholder{display:block;width:var(--size);height:var(--size);
 object-fit:contain;background:#eef0f3;border-radius:4px}
 .placeholder{box-sizing:border-box;padding:8px;border:1px dashed #aab2bf;color:#5d6778;
 overflow:hidden;overflow-wrap:anywhere}
-figcaption{margin-top:4px}figcaption .source{color:#5d6778;display:block;max-height:4.4em;
-overflow:hidden}
-ul.examples{margin:0;padding-left:18px}
-"""
+figure.thumb a{display:block;color:inherit;text-decoration:none}
+figure.thumb a:hover img,figure.thumb a:hover .placeholder{outline:2px solid #4c78a8}
+figcaption{margin-top:4px;overflow-wrap:anywhere}
+figcaption .source{color:#5d6778;display:block;max-height:4.4em;overflow:hidden}
+ul.examples{margin:0;padding-left:18px}ul.examples .source{display:block;color:#5d6778}
+.source,code,td.name,figcaption b,li.class-row{unicode-bidi:isolate}
+""".replace("MONO", _MONO).replace("FONTS", FONT_FAMILIES)
 
 
-def _page(results_path: Path, tally: _Tally, summary: dict[str, Any] | None, size: int) -> str:
-    name = escape(results_path.name)
+def _shown(text: str) -> str:
+    """Text from the results, or a path, that can be written as UTF-8 (a non-UTF-8 file name
+    keeps its undecodable bytes as surrogates: they are shown as ``\\xNN``)."""
+    return valid_unicode(text)
+
+
+def _h(text: str) -> str:
+    """:func:`_shown`, HTML-escaped (quotes too: fit for text and attribute values)."""
+    return escape(valid_unicode(text))
+
+
+def _page(
+    results_path: Path,
+    tally: _Tally,
+    summary: dict[str, Any] | None,
+    run: _RunInfo,
+    size: int,
+) -> str:
+    name = _h(results_path.name)
     sections = [
         _totals_section(tally),
         _classes_section(tally),
@@ -416,10 +883,62 @@ def _page(results_path: Path, tally: _Tally, summary: dict[str, Any] | None, siz
         '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
         f"<title>batchclassify report: {name}</title>\n<style>{_CSS}</style>\n</head>\n"
         f"<body>\n<main>\n<h1>Classification report</h1>\n"
-        f'<p class="muted">Results file <code>{escape(str(results_path))}</code></p>\n'
+        + _run_header(results_path, run)
         + "\n".join(sections)
         + "\n</main>\n</body>\n</html>\n"
     )
+
+
+def _run_header(results_path: Path, run: _RunInfo) -> str:
+    settings = run.settings
+    rows = [
+        ("Results file", f"<code>{_h(str(results_path))}</code>"),
+        (
+            "Results written",
+            f'<time id="results-date" datetime="{run.modified}">{run.modified}</time>',
+        ),
+    ]
+    if "model" in settings:
+        rows.append(("Model", f'<span id="model">{_h(settings["model"])}</span>'))
+    if "endpoint" in settings:
+        endpoint = _h(_safe_url(settings["endpoint"]))
+        rows.append(("Endpoint", f'<span id="endpoint">{endpoint}</span>'))
+    if "confidence" in settings:
+        value = settings["confidence"]
+        shown = (
+            '<span id="confidence-threshold">default</span> (the server\'s)'
+            if value in ("", "None")
+            else f'<span id="confidence-threshold">{_h(value)}</span>'
+        )
+        rows.append(("Confidence threshold", shown))
+    if "max_size" in settings:
+        value = settings["max_size"]
+        shown = (
+            '<span id="max-size">none</span> (images sent at their own size)'
+            if value in ("", "None", "0")
+            else f'<span id="max-size">{_h(value)}</span> px on the longer side'
+        )
+        rows.append(("Max size", shown))
+    facts = "".join(f"<dt>{label}</dt><dd>{value}</dd>" for label, value in rows)
+    state = _h(str(run.state)) if run.state is not None else ""
+    if run.state_read:
+        origin = f'<p class="muted">Run settings from the state <code>{state}</code>.</p>'
+    elif settings:
+        origin = '<p class="muted">Run settings from the summary.</p>'
+    else:
+        origin = (
+            f'<p class="muted">Run settings unknown: no readable state at <code>{state}</code> '
+            "(give <code>--state PATH</code> or <code>--summary FILE.json</code>).</p>"
+        )
+    return f'<dl class="run">{facts}</dl>\n{origin}\n'
+
+
+def _safe_url(url: str) -> str:
+    """``url`` without user info or any other credential the patterns of :func:`redact` see."""
+    # ValueError: not a URL urlsplit can take apart; redact still removes its user info.
+    with contextlib.suppress(ValueError):
+        url = without_userinfo(url)
+    return redact(url)
 
 
 def _figure(label: str, element_id: str, value: object, unit: str = "") -> str:
@@ -453,78 +972,109 @@ def _totals_section(tally: _Tally) -> str:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class _ClassCount:
+    name: str
+    count: int
+    #: rows with the class among predicted_classes; ``None`` for single-label results
+    predicted: int | None
+
+    def attributes(self) -> str:
+        extra = "" if self.predicted is None else f' data-predicted="{self.predicted}"'
+        return f'data-class="{_h(self.name)}" data-count="{self.count}"{extra}'
+
+    def text(self) -> str:
+        also = "" if self.predicted is None else f" · {self.predicted} among predicted"
+        return f"{self.count}{also}"
+
+
 def _classes_section(tally: _Tally) -> str:
+    no_class = f'<span id="no-class">{tally.no_class}</span>'
     classes = tally.stats.classes.most_common()
     if not classes and not tally.no_class:
         return (
             '<section id="classes-section">\n<h2>Class distribution</h2>\n'
-            '<p class="muted">No ok rows.</p>\n<span hidden id="no-class">0</span>\n</section>'
+            f'<p class="muted">No ok rows.</p>\n<span hidden>{no_class}</span>\n</section>'
         )
-    shown = [(name, count, "bar") for name, count in classes[:CHART_CLASSES]]
-    if tally.no_class:
-        shown.append(("(no class)", tally.no_class, "none"))
-    rest = classes[CHART_CLASSES:]
-    rest_note = (
-        f'<p class="muted">{len(rest)} more classes ({sum(c for _, c in rest)} rows) are in '
-        "the table only.</p>"
-        if rest
-        else ""
-    )
-    head = '<tr><th>class</th><th class="num">rows with this top class</th>'
-    if tally.multi_label:
-        head += '<th class="num">rows with it among predicted_classes</th>'
-    rows = []
-    for name, count in classes:
-        cells = f'<td class="name">{escape(name)}</td>'
-        cells += f'<td class="count" data-class="{escape(name)}">{count}</td>'
-        if tally.multi_label:
-            cells += (
-                f'<td class="predicted" data-class="{escape(name)}">{tally.predicted[name]}</td>'
-            )
-        rows.append(f"<tr>{cells}</tr>")
-    if tally.multi_label:  # classes predicted but never the top one
-        for name, count in tally.predicted.most_common():
-            if name not in tally.stats.classes:
-                rows.append(
-                    f'<tr><td class="name">{escape(name)}</td>'
-                    f'<td class="count" data-class="{escape(name)}">0</td>'
-                    f'<td class="predicted" data-class="{escape(name)}">{count}</td></tr>'
-                )
-    rows.append(
-        '<tr><td class="name muted">(no class: empty <code>top</code>)</td>'
-        f'<td class="count"><span id="no-class">{tally.no_class}</span></td></tr>'
-    )
-    multi = (
-        "<p>Multi-label results: the chart and the first column count each ok row once, by its "
-        "best class (<code>top</code>); the last column counts a row once for every class in its "
-        "<code>predicted_classes</code>.</p>"
-        if tally.multi_label
+    multi = tally.multi_label
+    counts = [_ClassCount(n, c, tally.predicted[n] if multi else None) for n, c in classes]
+    if multi:  # classes predicted but never the top one
+        counts += [
+            _ClassCount(n, 0, c)
+            for n, c in tally.predicted.most_common()
+            if n not in tally.stats.classes
+        ]
+    shown, rest = counts[:CHART_CLASSES], counts[CHART_CLASSES:]
+    chart = _bar_chart(shown, tally.no_class)
+    listed = ""
+    if rest:
+        items = "".join(
+            f'<li class="class-row" {row.attributes()}>{_h(row.name)}: {row.text()}</li>'
+            for row in rest
+        )
+        listed = (
+            f"<details><summary>{len(rest)} more classes ({sum(r.count for r in rest)} rows as "
+            f'top class)</summary><ul class="classes">{items}</ul></details>'
+        )
+    explained = (
+        "<p>Multi-label results: the dark bars and the first numbers count each ok row once, by "
+        "its best class (<code>top</code>); the light bars under them and the second numbers "
+        "count a row once for every class in its <code>predicted_classes</code>.</p>"
+        if multi
         else ""
     )
     return (
         '<section id="classes-section">\n<h2>Class distribution</h2>\n'
         "<p>Ok rows by their best class (<code>top</code>), one per row.</p>\n"
-        f"{multi}{_bar_chart(shown)}\n{rest_note}\n"
-        f"<table>{head}</tr>\n" + "\n".join(rows) + "\n</table>\n</section>"
+        f"{explained}{chart}\n{listed}\n"
+        f"<p>Ok rows with no class over the threshold (empty <code>top</code>): {no_class}</p>\n"
+        "</section>"
     )
 
 
-def _bar_chart(bars: list[tuple[str, int, str]]) -> str:
-    """Horizontal bars of ``(label, count, css class)``; long labels are shortened."""
-    row, label_w, bar_w = 24, 230, 580
-    height = row * len(bars) + 8
-    top = max(count for _, count, _ in bars) or 1
+def _clipped(label: str, width: int = 30) -> str:
+    """``label`` cut to about ``width`` Latin letters' worth (a CJK character counts two)."""
+    used = 0
+    for index, char in enumerate(label):
+        used += 2 if unicodedata.east_asian_width(char) in ("W", "F") else 1
+        if used > width:
+            return label[: max(index - 1, 1)] + "…"
+    return label
+
+
+def _bar_chart(classes: list[_ClassCount], no_class: int) -> str:
+    """Horizontal bars, one per class (multi-label: a thin light one under it for the
+    predicted_classes count), and a grey one for rows with no class; long labels are cut."""
+    bars = [
+        (row.name, row.count, row.predicted, "bar", f' class="class-bar" {row.attributes()}')
+        for row in classes
+    ]
+    if no_class:
+        bars.append(("(no class)", no_class, None, "none", ""))
+    row_h, label_w, bar_w = 24, 230, 540
+    height = row_h * len(bars) + 8
+    top = max(max(count, predicted or 0) for _, count, predicted, _, _ in bars) or 1
     parts = []
-    for i, (label, count, css) in enumerate(bars):
-        y = 4 + i * row
+    for i, (label, count, predicted, css, attributes) in enumerate(bars):
+        y = 4 + i * row_h
         width = max(1.0, bar_w * count / top)
-        short = label if len(label) <= 34 else label[:33] + "…"
+        if predicted is None:
+            text, end, also = f"{count}", width, ""
+            bar_h = row_h - 6
+        else:
+            text = f"{count} · {predicted}"
+            also_w = max(1.0, bar_w * predicted / top)
+            end, bar_h = max(width, also_w), row_h - 11
+            also = (
+                f'<rect class="also" x="{label_w}" y="{y + row_h - 7}" width="{also_w:.1f}" '
+                'height="4"/>'
+            )
         parts.append(
-            f"<g><title>{escape(label)}: {count}</title>"
-            f'<text x="{label_w - 8}" y="{y + 16}" text-anchor="end">{escape(short)}</text>'
+            f"<g{attributes}><title>{_h(label)}: {text}</title>"
+            f'<text x="{label_w - 8}" y="{y + 16}" text-anchor="end">{_h(_clipped(label))}</text>'
             f'<rect class="{css}" x="{label_w}" y="{y + 3}" width="{width:.1f}" '
-            f'height="{row - 6}"/>'
-            f'<text x="{label_w + width + 6:.1f}" y="{y + 16}">{count}</text></g>'
+            f'height="{bar_h}"/>{also}'
+            f'<text x="{label_w + end + 6:.1f}" y="{y + 16}">{text}</text></g>'
         )
     return (
         f'<svg viewBox="0 0 900 {height}" role="img" aria-label="rows per class">'
@@ -583,23 +1133,28 @@ def _review_section(tally: _Tally, base: Path, size: int) -> str:
         return ""
     figures = []
     for row in doubtful:
-        uri, why = _thumbnail(row.source, base, size)
-        source = escape(row.source)
+        found = _preview_file(row, base)
+        uri, why = _thumbnail(row, found, size)
+        href = _file_url(row, found, base)
+        source = _h(row.source)
         picture = (
             f'<img src="{uri}" alt="{source}" width="{size}" height="{size}">'
             if uri
             else f'<div class="placeholder">{escape(why)}<br>'
             f'<span class="source">{source}</span></div>'
         )
+        if href is not None:
+            picture = f'<a href="{escape(href)}" title="open the file">{picture}</a>'
         figures.append(
             f'<figure class="thumb" data-source="{source}" data-confidence="{row.confidence}">'
-            f"{picture}<figcaption><b>{escape(row.top) or '(no class)'}</b> "
+            f"{picture}<figcaption><b>{_h(row.top) or '(no class)'}</b> "
             f'{row.confidence:.3f}<span class="source">{source}</span></figcaption></figure>'
         )
     return (
         '<section id="review-section">\n<h2>Least confident</h2>\n'
         f"<p>The {len(doubtful)} ok rows with the lowest confidence, lowest first: worth a look "
-        "by a person. URLs are not fetched.</p>\n"
+        "by a person (byte-identical copies of another input are left out; a click opens the "
+        "file). URLs are not fetched.</p>\n"
         f'<div class="thumbs" style="--size:{size}px">' + "".join(figures) + "</div>\n</section>"
     )
 
@@ -611,30 +1166,36 @@ def _errors_section(tally: _Tally) -> str:
     by_type = []
     for error_type, count in failed.most_common():
         examples = "".join(
-            f"<li><code>{escape(_shorten(redact(message)))}</code></li>"
-            for message in tally.examples.get(error_type, [])
+            f"<li><code>{_h(_shorten(redact(message)))}</code> "
+            f'<span class="source">{_h(redact(where))}</span></li>'
+            for message, where in tally.examples.get(error_type, [])
         )
         by_type.append(
-            f'<tr><td class="name">{escape(error_type)}</td>'
-            f'<td class="error-count" data-error-type="{escape(error_type)}">{count}</td>'
+            f'<tr><td class="name">{_h(error_type)}</td>'
+            f'<td class="error-count" data-error-type="{_h(error_type)}">{count}</td>'
             f'<td><ul class="examples">{examples}</ul></td></tr>'
         )
-    by_status = []
-    for (error_type, status), count in sorted(
-        tally.by_status.items(), key=lambda item: (-item[1], item[0][0], item[0][1] or 0)
-    ):
-        shown = "none" if status is None else str(status)
-        by_status.append(
-            f'<tr><td class="name">{escape(error_type)}</td><td>{shown}</td>'
-            f'<td class="status-count" data-error-type="{escape(error_type)}" '
-            f'data-http-status="{shown}">{count}</td></tr>'
+    by_status = [
+        f'<tr><td class="name">{_h(error_type)}</td><td>{status}</td>'
+        f'<td class="status-count" data-error-type="{_h(error_type)}" '
+        f'data-http-status="{status}">{count}</td></tr>'
+        for (error_type, status), count in sorted(
+            tally.by_status.items(), key=lambda item: (-item[1], item[0][0], item[0][1] or 0)
         )
+        if status is not None
+    ]
+    statuses = (
+        "<p>Failed rows that got an HTTP answer, by its status:</p>\n"
+        '<table><tr><th>error.type</th><th>http_status</th><th class="num">rows</th></tr>\n'
+        + "\n".join(by_status)
+        + "\n</table>\n"
+        if by_status
+        else ""
+    )
     return (
         '<section id="errors-section">\n<h2>Errors</h2>\n'
-        '<table><tr><th>error.type</th><th class="num">rows</th><th>examples</th></tr>\n'
-        + "\n".join(by_type)
-        + '\n</table>\n<table><tr><th>error.type</th><th>http_status</th><th class="num">rows'
-        "</th></tr>\n" + "\n".join(by_status) + "\n</table>\n</section>"
+        '<table><tr><th>error.type</th><th class="num">rows</th><th>examples (and the input)'
+        "</th></tr>\n" + "\n".join(by_type) + "\n</table>\n" + statuses + "</section>"
     )
 
 

@@ -34,7 +34,7 @@ from batchclassify.model import Item, Result
 from batchclassify.paths import PlannedPath, check_paths, state_companions
 from batchclassify.pipeline import Pipeline, PipelineOptions
 from batchclassify.sinks import STDOUT, Sink, check_outputs, open_sinks, repair_output
-from batchclassify.sources import count_items, iter_items
+from batchclassify.sources import check_sources, count_items, iter_items
 from batchclassify.state import (
     Fingerprint,
     Skipped,
@@ -98,6 +98,7 @@ async def run(
     """
     state = state or JobState()
     summary = Path(summary_path) if summary_path is not None else None
+    check_sources(specs)
     _check_planned_paths(outputs, state, summary, other_paths, overwrite=overwrite)
     writer: _Writer | None = None
     try:

@@ -43,6 +43,7 @@ __all__ = [
     "Sink",
     "StdoutSink",
     "check_outputs",
+    "csv_line",
     "open_sinks",
     "repair_output",
     "result_to_csv_row",
@@ -199,16 +200,20 @@ class CsvSink(_BufferedFileSink):
         handle = await aiofiles.open(path, mode, encoding="utf-8", newline="")
         sink = cls(path, handle)
         if await asyncio.to_thread(_is_empty, path):
-            sink._pending.append(sink._row_text([*CSV_COLUMNS, *map(csv_cell, columns)]))
+            sink._pending.append(csv_line([*CSV_COLUMNS, *map(csv_cell, columns)]))
         return sink
 
-    def _row_text(self, row: Iterable[Any]) -> str:
-        buffer = io.StringIO()
-        csv.writer(buffer, lineterminator="\n").writerow(row)
-        return buffer.getvalue()
-
     def _format(self, result: Result) -> str:
-        return self._row_text(result_to_csv_row(result))
+        return csv_line(result_to_csv_row(result))
+
+
+def csv_line(row: Iterable[Any]) -> str:
+    """One CSV row ending in ``\\n``, every cell holding a CR or LF quoted. (The csv module
+    quotes only the characters of its line terminator: with ``\\n`` alone a bare CR in a cell
+    would end the row for most readers.)"""
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\r\n").writerow(row)
+    return buffer.getvalue()[:-2] + "\n"
 
 
 class StdoutSink:

@@ -29,6 +29,7 @@ names, so the file can still be opened. To keep it:
 from __future__ import annotations
 
 import csv
+import difflib
 import functools
 import io
 import json
@@ -42,6 +43,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, TextIO
 from urllib.parse import urlsplit
 
+from batchclassify.errors import ConfigError
 from batchclassify.model import Item
 from batchclassify.text import valid_unicode
 
@@ -50,6 +52,7 @@ __all__ = [
     "LIST_SUFFIXES",
     "MAX_LINE",
     "SourceOptions",
+    "check_sources",
     "count_items",
     "iter_items",
     "parse_extensions",
@@ -100,6 +103,36 @@ def iter_items(
                 # Every row gets the same keys, so the CSV has fixed columns and joins work.
                 item = replace(item, columns=dict.fromkeys(keep))
             yield item
+
+
+def check_sources(specs: Iterable[str]) -> None:
+    """Refuse, before anything is sent, an input named directly that does not exist: a typo
+    (``photoz/``) is a usage error, not one error row after a "successful" run. Entries of a
+    list stay error rows; URLs and ``-`` are not checked here."""
+    for spec in specs:
+        if spec == STDIN or _SCHEME.match(spec) or _text_problem(spec) is not None:
+            continue
+        path = Path(os.path.expanduser(spec))
+        try:
+            if path.exists() or path.is_symlink():
+                continue
+        except OSError:
+            continue  # a name too long and the like: the preparation step reports it
+        hint = _similar_name(path)
+        raise ConfigError(
+            f"input {spec!r} does not exist" + (f" (did you mean {hint!r}?)" if hint else "")
+        )
+
+
+def _similar_name(path: Path) -> str | None:
+    """A name beside ``path`` that looks like what was meant, as a typo's likely fix."""
+    folder = path.parent
+    try:
+        names = [entry.name for entry in os.scandir(folder)][:10_000]
+    except OSError:
+        return None
+    close = difflib.get_close_matches(path.name, names, n=1, cutoff=0.6)
+    return str(folder / close[0]) if close else None
 
 
 def count_items(specs: Iterable[str], options: SourceOptions | None = None) -> int | None:

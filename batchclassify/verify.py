@@ -15,7 +15,6 @@ Rows that failed are rows: they are counted and reported, and do not make a run 
 from __future__ import annotations
 
 import csv
-import io
 import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -25,7 +24,7 @@ from pathlib import Path
 from batchclassify.config import RunSettings
 from batchclassify.errors import ConfigError
 from batchclassify.model import Result
-from batchclassify.sinks import CSV_COLUMNS, STDOUT, result_to_csv_row
+from batchclassify.sinks import CSV_COLUMNS, STDOUT, csv_line, result_to_csv_row
 from batchclassify.sources import SourceOptions, iter_items, parse_extensions
 from batchclassify.state import StateLock, StateReader, in_shard, item_key, parse_shard
 from batchclassify.text import valid_unicode
@@ -129,14 +128,8 @@ def _expected(suffix: str, record: str) -> str:
         return f"{data['source']}\t{data['status']}"
     if suffix == ".csv":
         row = result_to_csv_row(Result.from_dict(json.loads(record)))
-        return _csv_text([str(cell) for cell in row])
+        return csv_line([str(cell) for cell in row])
     return record
-
-
-def _csv_text(row: list[str]) -> str:
-    buffer = io.StringIO()
-    csv.writer(buffer, lineterminator="\n").writerow(row)
-    return buffer.getvalue()
 
 
 def _jsonl_rows(path: Path) -> Iterator[str]:
@@ -156,7 +149,7 @@ def _csv_rows(path: Path) -> Iterator[str]:
             yield "<not the CSV header of batchclassify>"
             return
         for row in rows:
-            yield _csv_text(row)
+            yield csv_line(row)
 
 
 def _parquet_rows(path: Path) -> Iterator[str]:

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import json
+import re
 import signal
+import struct
+import zlib
 from pathlib import Path
 
 import pytest
 from conftest import StartEmulator
 from helpers import emulator_stats, make_image, read_csv, run_cli, start_cli
+from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
 KEY = "cli-secret-key-987"
@@ -205,6 +210,60 @@ async def test_sigint_mid_run_flushes_and_exits_130(
     assert [row["source"] for row in rows] == [record["source"] for record in records]
     served = await emulator_stats(url)
     assert served["requests"] == len(records)  # nothing sent that was not written
+    # The last line says how to go on, and doing so finishes the job.
+    assert stderr.rstrip().splitlines()[-1] == (
+        "interrupted: run the same command with --resume to continue where it stopped"
+    )
+    code, _, stderr = await cli(
+        *job(tmp_path / "in", url), "--out", str(out), "--out", str(table), "--resume"
+    )
+    assert code == 0, stderr
+    assert len(out.read_text().splitlines()) == len(read_csv(table)) == 300
+
+
+@pytest.mark.parametrize(
+    ("command", "options", "last_line"),
+    [
+        (
+            "run",
+            ["--no-state"],
+            "interrupted: the inputs not reached were not classified, and without a state file "
+            "(--no-state, or no --out FILE) a new run starts over",
+        ),
+        (
+            "run",
+            ["--resume"],  # already resuming: the same command again
+            "interrupted: run the same command again to continue where it stopped",
+        ),
+        (
+            "scan",
+            [],  # a scan resumes by itself
+            "interrupted: run the same scan again to continue (done files cost no request)",
+        ),
+    ],
+    ids=["no-state", "resuming", "scan"],
+)
+async def test_sigint_says_how_to_continue(
+    tmp_path: Path,
+    start_emulator: StartEmulator,
+    command: str,
+    options: list[str],
+    last_line: str,
+) -> None:
+    url = await start_emulator(latency_ms=40)
+    files(tmp_path / "in", 200)
+    out = tmp_path / "r.jsonl"
+    args = [command, *job(tmp_path / "in", url)[1:], "--concurrency", "2", "--out", str(out)]
+    process = await start_cli(*args, *options)
+    for _ in range(200):
+        await asyncio.sleep(0.05)
+        if out.exists() and out.stat().st_size > 0:
+            break
+    process.send_signal(signal.SIGINT)
+    _, err = await asyncio.wait_for(process.communicate(), 30)
+    stderr = err.decode()
+    assert process.returncode == 130, stderr
+    assert stderr.rstrip().splitlines()[-1] == last_line, stderr
 
 
 async def test_help_explains_every_option() -> None:
@@ -386,3 +445,152 @@ async def test_shutdown_grace_bounds_the_wait_for_hung_requests(
     assert process.returncode == 130, err.decode()
     assert asyncio.get_running_loop().time() - started < 10  # not the 60 s request timeout
     assert out.read_text() == ""  # the hung items were not reported: a resume redoes them
+
+
+async def test_a_mistyped_option_or_command_gets_a_suggestion(tmp_path: Path) -> None:
+    code, stdout, stderr = await cli("run", str(tmp_path), "--concurency", "4")
+    assert code == 2 and stdout == ""
+    assert "unrecognized arguments: --concurency" in stderr
+    assert "did you mean --concurrency?" in stderr
+    assert "usage: batchclassify run" in stderr  # the usage of the command it was given to
+    code, _, stderr = await cli("run", str(tmp_path), "--timout=5", "--emualte")
+    assert code == 2
+    assert "did you mean --timeout for --timout, --emulate for --emualte?" in stderr
+    code, _, stderr = await cli("config", "show", "--shrad", "0/2")
+    assert code == 2 and "did you mean --shard?" in stderr
+    code, _, stderr = await cli("rn", str(tmp_path))
+    assert code == 2 and "invalid choice: 'rn'" in stderr and "did you mean run?" in stderr
+    code, _, stderr = await cli("config", "shwo")
+    assert code == 2 and "did you mean show?" in stderr
+    code, _, stderr = await cli("run", str(tmp_path), "--url-mode", "fetsh")
+    assert code == 2 and "did you mean fetch?" in stderr
+    # nothing close: no guess; an option of another command is not offered either
+    code, _, stderr = await cli("run", str(tmp_path), "--xyzzy", "--interval", "5")
+    assert code == 2 and "did you mean" not in stderr
+
+
+async def test_shard_mistakes_are_explained(tmp_path: Path) -> None:
+    files(tmp_path / "in", 1)
+    base = ["run", str(tmp_path / "in"), "--model", "demo/1", "--emulate", "--out", "-"]
+    code, _, stderr = await cli(*base, "--shard", "1/0")
+    assert code == 2 and "N, the number of shards, must be at least 1" in stderr
+    assert "K must" not in stderr
+    code, _, stderr = await cli(*base, "--shard", "5/4")
+    assert code == 2 and "--shard 5/4: K must be between 0 and 3" in stderr
+    code, _, stderr = await cli(*base, "--shard", "x")
+    assert code == 2 and "--shard must look like K/N" in stderr and "'x'" in stderr
+
+
+async def test_stdout_given_twice_is_refused_before_any_request(
+    tmp_path: Path, start_emulator: StartEmulator
+) -> None:
+    url = await start_emulator()
+    files(tmp_path / "in", 2)
+    code, stdout, stderr = await cli(*job(tmp_path / "in", url), "--out", "-", "-o", "-")
+    assert code == 2, stderr
+    assert "--out - (stdout) is given twice" in stderr
+    assert stdout == ""
+    assert (await emulator_stats(url))["requests"] == 0
+
+
+async def test_emulate_and_endpoint_together_are_refused(
+    tmp_path: Path, start_emulator: StartEmulator
+) -> None:
+    url = await start_emulator()
+    files(tmp_path / "in", 2)
+    code, stdout, stderr = await cli(*job(tmp_path / "in", url), "--emulate", "--out", "-")
+    assert code == 2 and stdout == ""
+    assert "--emulate (on the command line) and --endpoint (on the command line)" in stderr
+    assert (await emulator_stats(url))["requests"] == 0
+    # From two levels, the higher one wins: here the endpoint on the command line.
+    args = ["run", str(tmp_path / "in"), "--model", "demo/1", "--endpoint", url, "--out", "-"]
+    code, stdout, stderr = await cli(
+        *args, env={"BATCHCLASSIFY_EMULATE": "true", "ROBOFLOW_API_KEY": KEY}
+    )
+    assert code == 0, stderr
+    assert (await emulator_stats(url))["requests"] == 2
+
+
+def _tiff(**params: object) -> bytes:
+    out = io.BytesIO()
+    Image.effect_noise((96, 64), 60).convert("RGB").save(out, "TIFF", **params)
+    return out.getvalue()
+
+
+def _patched_tiff_tag(
+    data: bytes, tag: int, *, count: int | None = None, value: int | None = None
+) -> bytes:
+    """A little-endian TIFF with one entry of its first IFD changed (its count or its SHORT
+    value)."""
+    patched = bytearray(data)
+    assert patched[:4] == b"II*\x00"
+    (ifd,) = struct.unpack_from("<I", patched, 4)
+    (entries,) = struct.unpack_from("<H", patched, ifd)
+    for n in range(entries):
+        at = ifd + 2 + 12 * n
+        if struct.unpack_from("<H", patched, at)[0] == tag:
+            if count is not None:
+                struct.pack_into("<I", patched, at + 4, count)
+            if value is not None:
+                struct.pack_into("<H", patched, at + 8, value)
+            return bytes(patched)
+    raise AssertionError(f"no tag {tag}")
+
+
+def _noisy_images(root: Path) -> None:
+    """Files that make Pillow and libtiff talk: libtiff errors written from C (broken LZW and
+    deflate strips), a Pillow ERROR log record (absurd samples per pixel), Pillow warnings (an
+    invalid APNG chunk; a tag larger than the file, several times, so that some are decoded on
+    both threads at once), and files that are fine but odd (an unknown TIFF tag, junk after a
+    WebP)."""
+    root.mkdir()
+    for compression in ("tiff_lzw", "tiff_adobe_deflate"):
+        data = bytearray(_tiff(compression=compression))
+        data[40:400] = bytes(range(256)) + bytes(104)
+        (root / f"broken-{compression}.tif").write_bytes(bytes(data))
+    (root / "samples.tif").write_bytes(_patched_tiff_tag(_tiff(), 277, value=2048))
+    for n in range(40):
+        data = _tiff(description=f"picture {n} " + "x" * 200)
+        (root / f"odd-tag-{n:02d}.tif").write_bytes(_patched_tiff_tag(data, 270, count=10**7))
+    (root / "unknown-tag.tif").write_bytes(
+        _tiff(compression="tiff_lzw", tiffinfo={65000: "private"})
+    )
+    webp = io.BytesIO()
+    Image.effect_noise((64, 48), 60).convert("RGB").save(webp, "WEBP")
+    (root / "junk-after.webp").write_bytes(webp.getvalue() + b"JUNK" * 64)
+    # An APNG control chunk claiming 0 frames: Pillow warns and reads the plain PNG, which is
+    # sent as it is; the in-process emulator's decode then warns outside prepare's filters.
+    png = io.BytesIO()
+    Image.effect_noise((64, 48), 60).convert("RGB").save(png, "PNG")
+    actl = b"acTL" + bytes(8)
+    chunk = struct.pack(">I", 8) + actl + struct.pack(">I", zlib.crc32(actl))
+    header_end = 8 + 25  # the signature, then the IHDR chunk
+    data = png.getvalue()
+    (root / "invalid-apng.png").write_bytes(data[:header_end] + chunk + data[header_end:])
+
+
+async def test_image_library_noise_stays_off_stderr_without_verbose(tmp_path: Path) -> None:
+    _noisy_images(tmp_path / "in")
+    args = ["run", str(tmp_path / "in"), "--model", "demo/1", "--emulate", "--no-state"]
+    code, _, stderr = await cli(*args, "--out", str(tmp_path / "quiet.jsonl"))
+    assert code == 1, stderr  # the broken ones are failed rows
+    lines = stderr.rstrip("\n").splitlines()
+    assert re.fullmatch(r"\d+ images in .* failed", lines[0]), stderr  # the summary, and only it
+    assert all(line.startswith("  ") for line in lines[1:]), stderr
+    rows = [json.loads(line) for line in (tmp_path / "quiet.jsonl").read_text().splitlines()]
+    status = {Path(row["source"]).name: row["status"] for row in rows}
+    assert status["unknown-tag.tif"] == status["junk-after.webp"] == status["invalid-apng.png"]
+    assert status["invalid-apng.png"] == "ok"
+    assert status["odd-tag-00.tif"] == "ok" and status["broken-tiff_lzw.tif"] == "error"
+
+    # With -v the same messages are log lines: libtiff's (written from C until now) included.
+    code, _, stderr = await cli(*args, "-v", "--out", str(tmp_path / "verbose.jsonl"))
+    assert code == 1, stderr
+    assert "PIL.libtiff: " in stderr and "Decod" in stderr
+    assert "ERROR PIL.TiffImagePlugin: More samples per pixel" in stderr
+    # Pillow's warnings too (one file alone: no other decode on a thread can have the warning
+    # filters of prepare in force meanwhile)
+    alone = ["run", str(tmp_path / "in" / "invalid-apng.png"), "--model", "demo/1", "--emulate"]
+    code, _, stderr = await cli(*alone, "-v", "--out", "-")
+    assert code == 0, stderr
+    assert "WARNING py.warnings: " in stderr and "Invalid APNG" in stderr

@@ -155,7 +155,8 @@ async def test_every_example_config_runs_against_the_emulator(
     command = "scan" if "scan" in example.stem else "run"
     settings = resolve_settings({}, {}, example).settings
     outputs = [str(tmp_path / Path(out).name) for out in settings.out]
-    overrides = [str(images), "--endpoint", url]
+    # --emulate starts its own emulator, and refuses an --endpoint beside it
+    overrides = [str(images)] if settings.emulate else [str(images), "--endpoint", url]
     for output in outputs:
         overrides += ["--out", output]
     code, _, err = await cli(command, "--config", str(example), *overrides, cwd=tmp_path)
@@ -216,3 +217,68 @@ async def test_api_key_file_on_the_command_line(
     code, _, err = await run_cli(*both, stdin=f"{KEY}\n".encode())
     assert code == 2 and "stdin cannot hold both" in err
     assert (await emulator_stats(url))["requests"] == 2
+
+
+@pytest.mark.parametrize(
+    ("command_line", "environ", "config_text"),
+    [
+        ({"emulate": True, "endpoint": "http://localhost:9001"}, {}, None),
+        ({}, {"BATCHCLASSIFY_EMULATE": "1", "BATCHCLASSIFY_ENDPOINT": "http://h:9001"}, None),
+        ({}, {}, 'emulate = true\nendpoint = "https://classify.roboflow.com"\n'),
+    ],
+    ids=["command-line", "environment", "same-file"],
+)
+def test_emulate_and_endpoint_from_one_level_are_refused(
+    tmp_path: Path,
+    command_line: dict[str, object],
+    environ: dict[str, str],
+    config_text: str | None,
+) -> None:
+    """Given together at one level, one of them would be silently ignored: an error."""
+    config = write(tmp_path / "c.toml", config_text) if config_text is not None else None
+    with pytest.raises(
+        ConfigError, match=r"--emulate .* and --endpoint .* cannot be used together"
+    ):
+        resolve_settings(command_line, environ, config)
+    # Either alone is fine, and so is --emulate with emulate switched off elsewhere.
+    assert resolve_settings({"emulate": True}, {}).settings.emulate
+    assert resolve_settings({"emulate": False, "endpoint": "http://localhost:9001"}, {})
+
+
+def test_emulate_and_endpoint_from_two_levels_follow_precedence(tmp_path: Path) -> None:
+    hosted = write(tmp_path / "hosted.toml", 'endpoint = "https://classify.roboflow.com"\n')
+    dry = resolve_settings({"emulate": True}, {}, hosted)  # a dry run of a real job
+    assert dry.settings.emulate and dry.settings.endpoint == RunSettings().endpoint
+    assert "not used: --emulate (on the command line) wins" in dry.origins["endpoint"]
+    assert "not used:" in format_settings(dry)
+    real = resolve_settings({"endpoint": "http://localhost:9001"}, {"BATCHCLASSIFY_EMULATE": "1"})
+    assert not real.settings.emulate and real.settings.endpoint == "http://localhost:9001"
+    assert "wins over --emulate from environment" in real.origins["emulate"]
+
+
+async def test_emulate_with_endpoint_is_refused_by_run_and_by_config_show(tmp_path: Path) -> None:
+    make_image(tmp_path / "in" / "a.jpg", seed=1)
+    emulated = write(
+        tmp_path / "emulated.toml",
+        'model = "demo/1"\nemulate = true\nendpoint = "http://localhost:9001"\n',
+    )
+    for command in (["run", str(tmp_path / "in")], ["config", "show"]):
+        code, out, err = await cli(
+            *command, "--config", str(emulated), "--out", str(tmp_path / "r.jsonl"), cwd=tmp_path
+        )
+        assert code == 2, (command, err)
+        assert "--emulate (from config file" in err and "--endpoint (from config file" in err
+        assert "cannot be used together" in err and out == ""
+    assert not (tmp_path / "r.jsonl").exists()
+    # from two levels the higher wins, and config show says which was set aside
+    code, out, err = await run_cli(
+        "config",
+        "show",
+        "--model",
+        "demo/1",
+        "--emulate",
+        cwd=tmp_path,
+        env={"BATCHCLASSIFY_ENDPOINT": "http://localhost:9001"},
+    )
+    assert code == 0, err
+    assert "not used: --emulate (on the command line) wins" in out

@@ -215,8 +215,10 @@ async def test_short_key_does_not_shred_messages(
     hostile_server.warmup = 1
     images(tmp_path / "in", 4)
     missing = tmp_path / "xylophone.jpg"
+    listing = tmp_path / "list.txt"  # listed, a missing file is an error row (not a usage error)
+    listing.write_text(f"{missing}\n")
     jsonl = tmp_path / "r.jsonl"
-    args = run_args([tmp_path / "in", missing], hostile_server.url("html-echo"))
+    args = run_args([tmp_path / "in", listing], hostile_server.url("html-echo"))
     args[args.index(KEY)] = "xy"
     code, stdout, stderr = await cli(*args, "--out", str(jsonl), "--retries", "2", "-c", "1", *FAST)
     assert code == 1, stderr

@@ -141,7 +141,7 @@ async def test_a_source_that_breaks_stops_the_run_and_every_item_is_accounted_fo
     monkeypatch.setattr(batchclassify.runner, "iter_items", breaking)
     out = tmp_path / "r.jsonl"
     with pytest.raises(RunAborted) as caught:
-        await run(["ignored"], options(url), outputs=[str(out)])
+        await run([str(tmp_path)], options(url), outputs=[str(out)])
     message = str(caught.value)
     assert "reading the inputs failed: OSError" in message
     assert "closing check" not in message  # what was taken is rows or counted as dropped

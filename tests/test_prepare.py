@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import os
+import re
+import struct
 import tracemalloc
 import zlib
 from collections.abc import Callable
@@ -440,6 +442,60 @@ def test_bad_options_are_config_errors() -> None:
 
 def test_default_workers() -> None:
     assert 1 <= default_workers() <= (os.cpu_count() or 1)
+
+
+_DOUBLED_WORD = re.compile(r"\b(\w+) \1\b", re.IGNORECASE)
+
+
+def _broken_files(root: Path) -> list[tuple[Path, PrepareOptions]]:
+    """One file (and the options to prepare it with) for each way an input can fail."""
+    root.mkdir()
+    made: list[tuple[Path, PrepareOptions]] = []
+
+    def add(name: str, data: bytes, options: PrepareOptions = DEFAULT) -> None:
+        (root / name).write_bytes(data)
+        made.append((root / name, options))
+
+    add("empty.jpg", b"")
+    add("notes.jpg", b"not a picture\n")
+    for fmt in ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF"):
+        data = encode(photo((120, 90)), fmt)
+        add(f"cut.{fmt.lower()}", data[: len(data) // 2])
+    bmp = bytearray(encode(photo((20, 10)), "BMP"))
+    struct.pack_into("<H", bmp, 28, 7)  # 7 bits per pixel: Image.open itself fails
+    add("depth.bmp", bytes(bmp))
+    gif = bytearray(encode(photo((60, 40)), "GIF"))
+    gif[len(gif) // 2 : len(gif) // 2 + 64] = bytes(range(64))  # broken LZW data
+    add("scrambled.gif", bytes(gif))
+    tiff = bytearray(encode(photo((60, 40)), "TIFF", compression="tiff_adobe_deflate"))
+    tiff[40:200] = bytes(160)  # broken deflate data: libtiff fails to decode
+    add("scrambled.tiff", bytes(tiff))
+    add("bomb.png", png_claiming((20_000, 20_000)))
+    add("big.jpg", encode(photo((300, 200)), "JPEG"), PrepareOptions(max_upload_bytes=1000))
+    add("tiny-limit.tiff", encode(photo((300, 200)), "TIFF"), PrepareOptions(max_upload_bytes=99))
+    (root / "dir.jpg").mkdir()
+    (root / "link.jpg").symlink_to(root / "gone.jpg")
+    os.mkfifo(root / "pipe.jpg")
+    made += [(root / name, DEFAULT) for name in ("dir.jpg", "link.jpg", "pipe.jpg", "nope.jpg")]
+    return made
+
+
+def test_no_message_repeats_a_word(tmp_path: Path) -> None:
+    """User testing found "corrupt image image (...)": every message reads as a sentence."""
+    kinds: dict[str, str] = {}
+    for path, options in _broken_files(tmp_path / "broken"):
+        with pytest.raises(InputError) as info:
+            prepare_file(path, options)
+        message = str(info.value)
+        assert not _DOUBLED_WORD.search(message), message
+        kinds[path.name] = info.value.kind
+    assert kinds["depth.bmp"] == "corrupt"  # the header is broken: no format to name
+    assert kinds["scrambled.gif"] == "corrupt" and kinds["scrambled.tiff"] == "corrupt"
+    assert kinds["cut.png"] == "truncated" and kinds["bomb.png"] == "decompression_bomb"
+    assert {"empty", "not_an_image", "not_found", "not_a_file", "too_large"} <= set(kinds.values())
+    with pytest.raises(InputError, match=r"corrupt image \(") as info:
+        prepare_bytes((tmp_path / "broken" / "depth.bmp").read_bytes(), DEFAULT, name="d.bmp")
+    assert not _DOUBLED_WORD.search(str(info.value))
 
 
 # --- hostile metadata: refused from a cheap walk of the structure, before Pillow parses it ----

@@ -7,17 +7,24 @@ headless Chromium when one is installed.
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import io
 import json
 import math
+import os
 import re
 import shutil
+import sqlite3
 import stat
 import subprocess
+import sys
+import urllib.parse
 from collections import Counter
 from collections.abc import Iterable
-from html import unescape
+from datetime import datetime
+from html import escape, unescape
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
@@ -26,13 +33,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from images import RED, close_to, oriented_jpeg, photo, png_claiming, quadrants, save, solid
-from PIL import Image
+from PIL import Image, ImageChops
 
 from batchclassify import report
+from batchclassify.cli import main as cli_main
 from batchclassify.errors import ConfigError
 from batchclassify.model import ErrorInfo, Result
 from batchclassify.report import build_report, write_report
+from batchclassify.sinks import CSV_COLUMNS, open_sinks
+from batchclassify.state import Fingerprint, StateStore
 from batchclassify.summary import LatencyHistogram
+from batchclassify.text import csv_cell, valid_unicode
 
 HOSTILE = "<script>alert(1)</script>"
 ATTRIBUTE_BREAKER = 'x" onmouseover="alert(1)'
@@ -131,6 +142,17 @@ class Page(HTMLParser):
     def attributes(self, tag: str) -> list[dict[str, str]]:
         return [attributes for name, attributes in self.tags if name == tag]
 
+    def class_counts(self, key: str = "data-count") -> dict[str, int]:
+        """``{class: N}`` of the chart's bars and the list below it (``data-class``, ``key``);
+        each class must be there once."""
+        found = [
+            (attributes["data-class"], int(attributes[key]))
+            for _, attributes in self.tags
+            if "data-class" in attributes and key in attributes
+        ]
+        assert len({name for name, _ in found}) == len(found), found
+        return dict(found)
+
 
 def thumbs(page: str) -> list[tuple[str, float, str]]:
     """``(source, confidence, inner html)`` of each review thumbnail, in page order."""
@@ -183,9 +205,9 @@ def test_totals_and_class_counts_match_the_jsonl(mixed: tuple[Path, list[dict[st
     assert page.by_id["failure-rate"] == "50.0%"
     assert page.number("unreadable") == 0
     expected = Counter(row["top"] for row in ok_rows if row["top"])
-    assert page.counts("count", "data-class") == expected == {"cat": 2, "dog": 1, "bird": 1}
+    assert page.class_counts() == expected == {"cat": 2, "dog": 1, "bird": 1}
     assert page.number("no-class") == 1
-    assert page.counts("predicted", "data-class") == {}  # single-label: no second column
+    assert page.class_counts("data-predicted") == {}  # single-label: no second count
 
 
 def test_multi_label_rows_are_also_counted_per_predicted_class(tmp_path: Path) -> None:
@@ -201,8 +223,8 @@ def test_multi_label_rows_are_also_counted_per_predicted_class(tmp_path: Path) -
     text = build_report(path)
     page = Page(text)
 
-    assert page.counts("count", "data-class") == {"cat": 2, "dog": 2, "hat": 0}
-    assert page.counts("predicted", "data-class") == {"cat": 3, "dog": 2, "hat": 1}
+    assert page.class_counts() == {"cat": 2, "dog": 2, "hat": 0}
+    assert page.class_counts("data-predicted") == {"cat": 3, "dog": 2, "hat": 1}
     assert "Multi-label results" in text
 
 
@@ -254,12 +276,8 @@ def test_error_breakdown_by_type_and_status(mixed: tuple[Path, list[dict[str, An
         for attributes, value in page.cells
         if attributes.get("class") == "status-count"
     }
-    assert by_status == {
-        ("http", "429"): 1,
-        ("http", "503"): 2,
-        ("timeout", "none"): 1,
-        ("not_found", "none"): 1,
-    }
+    # Only rows that got an HTTP answer: the others are in the table by type already.
+    assert by_status == {("http", "429"): 1, ("http", "503"): 2}
     assert text.count("HTTP 503: overloaded") == 1  # examples are distinct
     assert "HTTP 429: slow down" in text
 
@@ -301,8 +319,9 @@ def test_malformed_and_torn_lines_are_counted_not_fatal(tmp_path: Path) -> None:
         "[" * 100_000 + "\n",  # nesting deep enough for a RecursionError
         b"\xff\xfe\x00binary junk\n",
     ]
+    more = [ok(f"more{i}.jpg", "bird", 0.8) for i in range(10)]
     torn = json.dumps(ok("t.jpg", "cat", 0.1))[:30]  # a killed run's last line, no newline
-    lines = [good[0], *bad_lines[:5], "\n", "   \n", good[1], *bad_lines[5:], good[2], torn]
+    lines = [good[0], *bad_lines[:5], "\n", "   \n", good[1], *bad_lines[5:], good[2], *more, torn]
     text = build_report(write_jsonl(tmp_path / "results.jsonl", lines))
     page = Page(text)
 
@@ -311,9 +330,9 @@ def test_malformed_and_torn_lines_are_counted_not_fatal(tmp_path: Path) -> None:
     assert f"{unreadable} unreadable lines" in text
     assert "line 2, 3, 4, 5, 6, …" in text  # where to look; blank lines are not counted
     assert "The last line is incomplete" in text
-    assert page.number("total") == 3
-    assert page.number("ok") == 2
-    assert page.counts("count", "data-class") == {"cat": 1, "dog": 1}
+    assert page.number("total") == 13
+    assert page.number("ok") == 12
+    assert page.class_counts() == {"cat": 1, "dog": 1, "bird": 10}
 
 
 def test_overlong_lines_are_skipped_without_reading_them_whole(
@@ -329,8 +348,8 @@ def test_overlong_lines_are_skipped_without_reading_them_whole(
     ]
     page = Page(build_report(write_jsonl(tmp_path / "results.jsonl", lines)))
 
-    assert page.number("unreadable") == 2
-    assert page.counts("count", "data-class") == {"cat": 1, "dog": 1}
+    assert page.number("unreadable") == 2  # as many as readable ones: still a results file
+    assert page.class_counts() == {"cat": 1, "dog": 1}
 
 
 def row_lines() -> st.SearchStrategy[bytes]:
@@ -343,19 +362,23 @@ def row_lines() -> st.SearchStrategy[bytes]:
     return st.one_of(valid, junk.map(lambda b: b.replace(b"\n", b"")))
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(lines=st.lists(row_lines(), max_size=12), newline_at_end=st.booleans())
-def test_any_bytes_give_a_page_with_every_line_accounted_for(
+def test_any_bytes_give_a_page_with_every_line_accounted_for_or_a_refusal(
     tmp_path_factory: pytest.TempPathFactory, lines: list[bytes], newline_at_end: bool
 ) -> None:
     path = tmp_path_factory.mktemp("fuzz") / "results.jsonl"
     path.write_bytes(b"\n".join(lines) + (b"\n" if newline_at_end else b""))
-    page = Page(build_report(path, thumbnails=2))
-
     valid = sum(1 for line in lines if line.startswith(b'{"source": "p.jpg"'))
-    non_blank = sum(1 for line in lines if line.strip())
+    unreadable = sum(1 for line in lines if line.strip()) - valid
+
+    if unreadable and (valid == 0 or unreadable > valid):  # mostly not results: refused
+        with pytest.raises(ConfigError, match="does not look like batchclassify results"):
+            build_report(path, thumbnails=2)
+        return
+    page = Page(build_report(path, thumbnails=2))
     assert page.number("total") == valid
-    assert page.number("unreadable") == non_blank - valid
+    assert page.number("unreadable") == unreadable
 
 
 def test_a_large_file_is_read_in_bounded_memory(tmp_path: Path) -> None:
@@ -478,7 +501,7 @@ def test_hostile_strings_are_escaped(tmp_path: Path) -> None:
     assert not [tag for tag, _ in page.tags if tag == "script"]
     assert not [a for _, a in page.tags if "onmouseover" in a or "onerror" in a]
     # The attributes still carry the exact names, for anyone reading the page back.
-    assert page.counts("count", "data-class") == {HOSTILE: 1, ATTRIBUTE_BREAKER: 1}
+    assert page.class_counts() == {HOSTILE: 1, ATTRIBUTE_BREAKER: 1}
     assert page.counts("error-count", "data-error-type") == {HOSTILE: 1, "http": 1}
     assert {source for source, _, _ in thumbs(text)} == {HOSTILE, ATTRIBUTE_BREAKER}
 
@@ -619,6 +642,421 @@ def test_write_report_input_and_output_problems_are_config_errors(
         write_report(mixed[0], output, thumbnails=-1)
 
 
+# --- CSV and Parquet results ---------------------------------------------------------------------
+
+#: sources and class names that CSV neutralises (a leading ' before = + - @ TAB CR) or that are
+#: hard to keep: quotes, commas, newlines, scripts of all kinds
+TRICKY = [
+    "=HYPERLINK(1).jpg",
+    "+1.jpg",
+    "-1.jpg",
+    "@sum.jpg",
+    "\tindented.jpg",
+    "\rcarriage.jpg",
+    "'quoted.jpg",
+    'comma, "quote".jpg',
+    "new\nline.jpg",
+    "狗.jpg",
+    "кошка.jpg",
+    "قطة.jpg",
+]
+
+
+async def write_outputs(rows: Iterable[dict[str, Any]], *paths: Path) -> None:
+    """``rows`` through the real sinks of ``run --out`` (the format by extension)."""
+    sinks = await open_sinks([str(path) for path in paths])
+    for row in rows:
+        result = Result.from_dict(row)
+        for sink in sinks:
+            await sink.write(result)
+    for sink in sinks:
+        await sink.aclose()
+
+
+def readback(page: Page) -> dict[str, Any]:
+    """What a report says, minus the results file's own name and date."""
+    ids = ("total", "ok", "failed", "unreadable", "no-class", "failure-rate", "latency-p50")
+    return {
+        "ids": {element_id: page.by_id[element_id] for element_id in ids},
+        "classes": page.class_counts(),
+        "predicted": page.class_counts("data-predicted"),
+        "errors": page.counts("error-count", "data-error-type"),
+        "statuses": sorted(
+            (a["data-error-type"], a["data-http-status"], text)
+            for a, text in page.cells
+            if a.get("class") == "status-count"
+        ),
+        "bins": [a["data-count"] for a in page.attributes("rect") if a.get("class") == "bin"],
+        "thumbs": [
+            (a["data-source"], a["data-confidence"])
+            for a in page.attributes("figure")
+            if "data-source" in a
+        ],
+    }
+
+
+@pytest.mark.parametrize("extension", [".csv", ".parquet"])
+def test_csv_and_parquet_results_give_the_report_of_the_jsonl(
+    tmp_path: Path, extension: str
+) -> None:
+    if extension == ".parquet":
+        pytest.importorskip("pyarrow")
+    rows = [
+        *(ok(name, name, i / 20, latency=10.0 + i) for i, name in enumerate(TRICKY)),
+        ok("multi.jpg", "cat", 0.7, classes=["cat", "=dog"]),
+        ok("none.jpg", "", 0.1),
+        failed("=x.jpg", "http", "-HTTP 503: overloaded", 503),
+        failed("y.jpg", "timeout", "@no answer"),
+    ]
+    asyncio.run(write_outputs(rows, tmp_path / "r.jsonl", tmp_path / f"r{extension}"))
+
+    expected = readback(Page(build_report(tmp_path / "r.jsonl")))
+    assert readback(Page(build_report(tmp_path / f"r{extension}"))) == expected
+    assert expected["ids"]["total"] == str(len(rows))
+    assert set(TRICKY) <= set(expected["classes"]) and "=dog" in expected["predicted"]
+    assert {source for source, _ in expected["thumbs"]} >= set(TRICKY[:10])
+
+
+def test_csv_takes_off_only_the_quote_that_neutralised_a_formula(tmp_path: Path) -> None:
+    csv_path = tmp_path / "r.csv"
+    rows = [ok(name, "cat", 0.5) for name in TRICKY]
+    asyncio.run(write_outputs(rows, csv_path))
+    raw = csv_path.read_text()
+    assert "'=HYPERLINK" in raw and "'-1.jpg" in raw  # neutralised on disk, as the sink writes
+
+    shown = {source for source, _, _ in thumbs(build_report(csv_path, thumbnails=50))}
+    assert shown == set(TRICKY)  # "'quoted.jpg" keeps its quote: it was not added
+
+
+@given(st.text(max_size=12))
+def test_undoing_the_formula_quote_inverts_csv_cell(text: str) -> None:
+    # The one text it cannot give back: a quote the user wrote before a formula character.
+    ambiguous = text.startswith("'") and text[1:].startswith(("=", "+", "-", "@", "\t", "\r"))
+    if not ambiguous:
+        assert report._unneutralised(csv_cell(text)) == text
+
+
+def test_csv_rows_that_do_not_fit_are_counted_unreadable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(report, "MAX_LINE_BYTES", 1024)
+    path = tmp_path / "r.csv"
+    good = [ok(f"{i}.jpg", "cat", 0.5) for i in range(8)]
+    good.append(failed("multi.jpg", "http", "line one\nline two", 500))  # a quoted newline
+    asyncio.run(write_outputs(good, path))
+    header, *lines = path.read_text().splitlines(keepends=True)
+    with path.open("wb") as stream:
+        stream.write(header.encode())
+        stream.write("".join(lines[:4]).encode())
+        stream.write(b"a.jpg,ok,cat\n")  # too few cells
+        stream.write(("b.jpg,ok,cat,high" + "," * 11 + "\n").encode())  # not a number
+        stream.write(("n.jpg,ok,cat,nan" + "," * 11 + "\n").encode())
+        stream.write(b"\xff\xfe binary\n")
+        stream.write(b'"' + b"x" * 2000 + b'"\n')  # over MAX_LINE_BYTES
+        stream.write("".join(lines[4:]).encode())
+        stream.write(lines[0].encode()[:20])  # torn
+    page = Page(text := build_report(path))
+
+    assert page.number("total") == 9
+    assert page.number("unreadable") == 6
+    assert "The last line is incomplete" in text
+    assert page.counts("error-count", "data-error-type") == {"http": 1}
+    assert "line one\nline two" in text
+
+
+def test_parquet_without_pyarrow_says_what_to_install(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "r.parquet"
+    path.write_bytes(b"PAR1")
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # import pyarrow raises ImportError
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    with pytest.raises(ConfigError, match=re.escape("pip install 'batchclassify[parquet]'")):
+        build_report(path)
+
+
+def not_results(tmp_path: Path, kind: str) -> Path:
+    """A file given to ``report`` that is not results of a run."""
+    if kind == "unknown extension":
+        return write_jsonl(tmp_path / "r.txt", [ok("a.jpg", "cat", 0.5)])
+    if kind == "mostly junk":
+        lines: list[dict[str, Any] | str] = [ok("a.jpg", "cat", 0.5), "junk\n", "more junk\n"]
+        return write_jsonl(tmp_path / "r.jsonl", lines)
+    if kind == "an image":
+        return save(photo((200, 150)), tmp_path / "r.jsonl", "PNG")
+    if kind == "torn single line":
+        return write_jsonl(tmp_path / "r.jsonl", [json.dumps(ok("a.jpg", "cat", 0.5))[:20]])
+    if kind == "an input list csv":
+        (tmp_path / "r.csv").write_text("url,label\nhttps://example.com/a.jpg,cat\n")
+    elif kind == "binary csv":
+        (tmp_path / "r.csv").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\xff\xfe")
+    elif kind == "csv of junk rows":
+        (tmp_path / "r.csv").write_text("source,status\n" + "only one cell\n" * 5)
+    elif kind == "text as parquet":
+        pytest.importorskip("pyarrow")
+        return write_jsonl(tmp_path / "r.parquet", [ok("a.jpg", "cat", 0.5)])
+    elif kind == "other parquet":
+        pa = pytest.importorskip("pyarrow")
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.table({"url": ["a"], "label": ["cat"]}), tmp_path / "r.parquet")
+        return tmp_path / "r.parquet"
+    return tmp_path / "r.csv"
+
+
+NOT_RESULTS = [
+    ("unknown extension", "cannot tell the format"),
+    ("mostly junk", "does not look like batchclassify results: 2 of its 3 rows"),
+    ("an image", "does not look like batchclassify results"),
+    ("torn single line", "does not look like batchclassify results"),
+    ("an input list csv", "no source and status columns"),
+    ("binary csv", "first line cannot be read"),
+    ("csv of junk rows", "does not look like batchclassify results"),
+    ("text as parquet", "not a Parquet file"),
+    ("other parquet", "no source and status columns"),
+]
+
+
+@pytest.mark.parametrize(("kind", "message"), NOT_RESULTS, ids=[kind for kind, _ in NOT_RESULTS])
+def test_a_file_that_is_not_results_is_refused(tmp_path: Path, kind: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        build_report(not_results(tmp_path, kind))
+
+
+@pytest.mark.parametrize(
+    ("name", "content"),
+    [
+        ("r.jsonl", b""),
+        ("r.jsonl", b"\n \n"),
+        ("r.csv", b""),
+        ("r.csv", (",".join(CSV_COLUMNS) + "\n").encode()),
+    ],
+)
+def test_results_of_a_run_with_no_inputs_are_an_empty_report(
+    tmp_path: Path, name: str, content: bytes
+) -> None:
+    (tmp_path / name).write_bytes(content)
+    page = Page(build_report(tmp_path / name))
+    assert (page.number("total"), page.number("unreadable")) == (0, 0)
+
+
+def test_report_command_reads_csv_and_exits_2_on_what_is_not_results(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rows = [ok("a.jpg", "cat", 0.9), ok("b.jpg", "dog", 0.4), failed("c.jpg", "http", "x", 500)]
+    asyncio.run(write_outputs(rows, tmp_path / "r.csv"))
+
+    assert cli_main(["report", str(tmp_path / "r.csv")]) == 0
+    page = Page((tmp_path / "r.html").read_text())
+    assert (page.number("total"), page.number("unreadable")) == (3, 0)
+    assert page.class_counts() == {"cat": 1, "dog": 1}
+
+    capsys.readouterr()
+    (tmp_path / "junk").mkdir()
+    junk = not_results(tmp_path / "junk", "mostly junk")
+    assert cli_main(["report", str(junk)]) == 2
+    assert "does not look like batchclassify results" in capsys.readouterr().err
+    assert not junk.with_suffix(".html").exists()
+    assert cli_main(["report", str(tmp_path / "r.html"), "-o", str(tmp_path / "x.html")]) == 2
+    assert "cannot tell the format" in capsys.readouterr().err
+
+
+# --- the run's settings in the header ------------------------------------------------------------
+
+ENDPOINT = "https://robo:hunter2hunter2@infer.example.com:9001/v1?api_key=SECRETKEY123"
+
+
+def make_state(path: Path, **settings: str) -> StateStore:
+    """A real state, as a run leaves it (open: the caller closes it)."""
+    values = {"model": "flowers/3", "endpoint": ENDPOINT, "confidence": "0.5", "max_size": "640"}
+    store = StateStore(path)
+    store.check_fingerprint(Fingerprint(**{**values, **settings}))
+    return store
+
+
+def folder_listing(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+def test_header_shows_the_run_settings_from_the_state_read_only(
+    mixed: tuple[Path, list[dict[str, Any]]],
+) -> None:
+    path, _ = mixed
+    make_state(path.with_name("results.jsonl.state")).close()
+    stamp = 1_700_000_000
+    os.utime(path, (stamp, stamp))
+    before = folder_listing(path.parent)
+    page = Page(text := build_report(path))
+
+    assert page.by_id["model"] == "flowers/3"
+    assert page.by_id["endpoint"] == "https://infer.example.com:9001/v1?api_key=***"
+    assert "hunter2" not in text and "SECRETKEY123" not in text and "robo" not in text
+    assert page.by_id["confidence-threshold"] == "0.5"
+    assert page.by_id["max-size"] == "640"
+    expected = datetime.fromtimestamp(stamp).astimezone().isoformat(timespec="seconds")
+    assert page.by_id["results-date"] == expected
+    assert datetime.fromisoformat(expected).timestamp() == stamp
+    assert folder_listing(path.parent) == before  # nothing written, not even -wal/-shm files
+
+
+def test_header_reads_a_state_in_use_and_the_state_option(
+    mixed: tuple[Path, list[dict[str, Any]]], tmp_path: Path
+) -> None:
+    path, _ = mixed
+    elsewhere = tmp_path / "states" / "job.state"
+    elsewhere.parent.mkdir()
+    store = make_state(elsewhere, confidence="None", max_size="None")  # still open: a WAL
+    try:
+        assert elsewhere.with_name("job.state-wal").exists()
+        page = Page(text := build_report(path, state_path=elsewhere))
+    finally:
+        store.close()
+
+    assert page.by_id["confidence-threshold"] == "default"
+    assert page.by_id["max-size"] == "none"
+    assert "Run settings from the state" in text
+
+
+def test_header_finds_the_state_of_a_sibling_output(tmp_path: Path) -> None:
+    rows = [ok("a.jpg", "cat", 0.5)]
+    asyncio.run(write_outputs(rows, tmp_path / "r.jsonl", tmp_path / "r.csv"))
+    make_state(tmp_path / "r.jsonl.state", model="beside/1").close()
+
+    assert Page(build_report(tmp_path / "r.csv")).by_id["model"] == "beside/1"
+
+
+@pytest.mark.parametrize("state", ["missing", "damaged", "not a state"])
+def test_without_a_readable_state_the_settings_are_left_out(
+    mixed: tuple[Path, list[dict[str, Any]]], state: str
+) -> None:
+    path, _ = mixed
+    state_path = path.with_name("results.jsonl.state")
+    if state == "damaged":
+        state_path.write_bytes(b"SQLite format 3\x00" + b"\xff" * 2000)
+    elif state == "not a state":
+        with contextlib.closing(sqlite3.connect(state_path)) as db:
+            db.execute("CREATE TABLE other (x)")
+    page = Page(text := build_report(path))
+
+    for element_id in ("model", "endpoint", "confidence-threshold", "max-size"):
+        assert element_id not in page.by_id
+    assert "results-date" in page.by_id
+    assert "Run settings unknown" in text and "--state PATH" in text
+
+
+def test_header_settings_from_the_summary(
+    mixed: tuple[Path, list[dict[str, Any]]], tmp_path: Path
+) -> None:
+    path, rows = mixed
+    summary = tmp_path / "summary.json"
+    extra = {"model": HOSTILE, "endpoint": ENDPOINT, "max_size": 512, "confidence": True}
+    summary.write_text(json.dumps(summary_of(len(rows), **extra)))
+    page = Page(text := build_report(path, summary_path=summary))
+
+    assert page.by_id["model"] == HOSTILE and "<script" not in text
+    assert page.by_id["endpoint"] == "https://infer.example.com:9001/v1?api_key=***"
+    assert page.by_id["max-size"] == "512"
+    assert "confidence-threshold" not in page.by_id  # not a number: ignored
+
+    make_state(path.with_name("results.jsonl.state")).close()  # the state wins
+    assert Page(build_report(path, summary_path=summary)).by_id["model"] == "flowers/3"
+
+
+# --- the least confident rows, errors ------------------------------------------------------------
+
+
+def test_duplicates_are_left_out_of_the_review_but_counted(tmp_path: Path) -> None:
+    rows = [ok(f"{i}.jpg", "cat", 0.5 + i / 100) for i in range(4)]
+    rows += [{**ok(f"copy{i}.jpg", "cat", 0.1), "duplicate_of": f"{i}.jpg"} for i in range(3)]
+    page = Page(text := build_report(write_jsonl(tmp_path / "results.jsonl", rows), thumbnails=3))
+
+    assert [source for source, _, _ in thumbs(text)] == ["0.jpg", "1.jpg", "2.jpg"]
+    assert page.number("total") == 7
+    assert page.class_counts() == {"cat": 7}
+
+
+def file_link(inner: str) -> bytes:
+    """The file a thumbnail links to, as the bytes of its path."""
+    match = re.search(r'<a href="(file://[^"]+)"', inner)
+    assert match, inner
+    href = unescape(match.group(1))
+    assert re.fullmatch(r"file://[A-Za-z0-9%/._~-]+", href), href  # percent-encoded
+    return urllib.parse.unquote_to_bytes(href.removeprefix("file://"))
+
+
+def test_thumbnails_link_to_their_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    run = tmp_path / "run"
+    pictures = run / "pics"
+    pictures.mkdir(parents=True)
+    odd = save(solid((40, 30)), pictures / "a b#1?%20狗.png", "PNG")
+    raw = save(solid((40, 30)), pictures / os.fsdecode(b"caf\xe9.png"), "PNG")  # not UTF-8
+    moved = save(solid((40, 30)), tmp_path / "real.png", "PNG")
+    rows = [
+        ok(str(odd), "cat", 0.1),
+        ok(str(raw), "cat", 0.2),  # the record carries source_bytes
+        {**ok("was/here.png", "cat", 0.3), "path": str(moved)},  # the resolved path wins
+        ok("pics/gone.png", "cat", 0.4),  # relative: against the results folder
+        ok("https://example.com/x.png", "cat", 0.5),
+    ]
+    path = write_jsonl(run / "results.jsonl", rows)
+    monkeypatch.chdir(tmp_path)
+    output = write_report(path, tmp_path / "report.html")  # a non-UTF-8 name can be written
+    found = {source: inner for source, _, inner in thumbs(output.read_text())}
+
+    assert len(found) == 5
+    assert file_link(found[str(odd)]) == os.fsencode(odd)
+    shown = valid_unicode(str(raw))
+    assert shown.endswith("/caf\\xe9.png")
+    assert file_link(found[shown]) == os.fsencode(pictures) + b"/caf\xe9.png"
+    assert '<img src="data:' in found[shown]
+    assert file_link(found["was/here.png"]) == os.fsencode(moved)
+    assert '<img src="data:' in found["was/here.png"]
+    assert file_link(found["pics/gone.png"]) == os.fsencode(run / "pics" / "gone.png")
+    assert "<a " not in found["https://example.com/x.png"]
+
+
+def test_error_examples_name_the_input_in_full(tmp_path: Path) -> None:
+    deep = tmp_path / "very" / "deep" / "folder" / "x.jpg"
+    rows = [
+        failed(str(deep), "not_found", "x.jpg: no such file"),
+        {**failed("rel/y.jpg", "empty", "y.jpg: the file is empty"), "path": "/abs/rel/y.jpg"},
+        failed("https://u:pw12345678@example.com/z.jpg", "http", "HTTP 404", 404),
+    ]
+    text = build_report(write_jsonl(tmp_path / "results.jsonl", rows))
+    examples = "".join(re.findall(r'<ul class="examples">(.*?)</ul>', text))
+
+    assert escape(str(deep)) in examples
+    assert "/abs/rel/y.jpg" in examples and "y.jpg: the file is empty" in examples
+    assert "pw12345678" not in text
+
+
+def test_the_class_chart_is_not_repeated_in_a_table(tmp_path: Path) -> None:
+    rows = [ok(f"{i}.jpg", f"class{i % 40:02d}", 0.5) for i in range(400)]
+    rows += [ok(f"extra{i}.jpg", "class00", 0.5) for i in range(5)]
+    text = build_report(write_jsonl(tmp_path / "results.jsonl", rows))
+    section = re.search(r'<section id="classes-section">(.*?)</section>', text, re.S)
+    assert section
+    page = Page(section.group(1))
+
+    assert "<table" not in section.group(1)
+    bars = [a for a in page.attributes("g") if a.get("class") == "class-bar"]
+    listed = [a for a in page.attributes("li") if a.get("class") == "class-row"]
+    assert len(bars) == report.CHART_CLASSES and len(listed) == 40 - report.CHART_CLASSES
+    assert bars[0] == {"class": "class-bar", "data-class": "class00", "data-count": "15"}
+    assert page.class_counts() == {f"class{i:02d}": 15 if i == 0 else 10 for i in range(40)}
+
+
+def test_the_http_status_table_is_there_only_with_http_errors(tmp_path: Path) -> None:
+    rows = [ok("a.jpg", "cat", 0.5), failed("b.jpg", "timeout", "slow"), failed("c", "input", "x")]
+    text = build_report(write_jsonl(tmp_path / "results.jsonl", rows))
+    assert "<th>http_status</th>" not in text and 'class="status-count"' not in text
+
+    rows.append(failed("d.jpg", "http", "HTTP 500", 500))
+    text = build_report(write_jsonl(tmp_path / "results.jsonl", rows))
+    assert "<th>http_status</th>" in text
+    assert Page(text).counts("status-count", "data-http-status") == {"500": 1}
+
+
 # --- a real browser ---------------------------------------------------------------------------
 
 CHROMIUM = next(
@@ -682,7 +1120,7 @@ def test_chromium_renders_the_report_without_console_messages(
     dom = Page(result.stdout)
     assert (dom.number("total"), dom.number("ok"), dom.number("failed")) == (14, 13, 1)
     assert dom.number("unreadable") == 1
-    assert dom.counts("count", "data-class") == {"cat": 4, "dog": 5, HOSTILE: 4}
+    assert dom.class_counts() == {"cat": 4, "dog": 5, HOSTILE: 4}
     assert not [tag for tag, _ in dom.tags if tag == "script"]
 
 
@@ -711,3 +1149,84 @@ def test_console_messages_are_really_caught(tmp_path: Path) -> None:
 
     assert result.returncode == 0
     assert any("undefinedFunction" in line for line in console_messages(result.stderr))
+
+
+NON_LATIN = ("狗.jpg", "кошка.jpg", "قطة.jpg")
+#: the page's background (body) colour
+BACKGROUND = (0xF4, 0xF5, 0xF7)
+
+
+def has_font_for(language: str) -> bool:
+    """Whether fontconfig knows a font covering ``language`` (``fc-list :lang=zh``)."""
+    fc_list = shutil.which("fc-list")
+    if fc_list is None:
+        return False
+    found = subprocess.run([fc_list, f":lang={language}"], capture_output=True, text=True)
+    return bool(found.stdout.strip())
+
+
+def screenshot(page: Path, profile: Path, width: int, height: int = 4000) -> Image.Image:
+    shot = profile.with_suffix(".png")
+    result = chromium(
+        page,
+        profile,
+        f"--screenshot={shot}",
+        f"--window-size={width},{height}",
+        "--hide-scrollbars",
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    with Image.open(shot) as image:
+        rgb: Image.Image = image.convert("RGB")
+    return rgb
+
+
+def background_only(image: Image.Image, box: tuple[int, int, int, int]) -> bool:
+    return image.crop(box).getcolors(1) == [((box[2] - box[0]) * (box[3] - box[1]), BACKGROUND)]
+
+
+@needs_chromium
+def test_chromium_page_fits_1280_px_and_shows_non_latin_names(tmp_path: Path) -> None:
+    """At 1280 px nothing sticks out of the page's column, however long the names; and file
+    names in Chinese, Russian and Arabic are drawn with real glyphs, not as empty boxes."""
+    missing = [language for language in ("zh", "ru", "ar") if not has_font_for(language)]
+    if missing:
+        pytest.skip(f"no system font for {missing} (apt-get install fonts-noto-cjk fonts-dejavu)")
+    results = tmp_path / "run" / "results.jsonl"
+    results.parent.mkdir()
+    make_state(results.with_name("results.jsonl.state"), endpoint="https://" + "h" * 300).close()
+    output = tmp_path / "report.html"
+
+    def render(names: Iterable[str], width: int = 1280, extra: str = "") -> Image.Image:
+        """The report of these least-confident sources (missing files: a placeholder and a
+        caption show each name), beside rows as long as can be; all else kept the same."""
+        rows = [ok(name, name, i / 100) for i, name in enumerate(names)]
+        rows += [
+            ok("/very/" + "long" * 100 + ".jpg", "class" * 60, 0.9),
+            failed("/f/" + "x" * 400, "http", "HTTP 503: " + "overloaded" * 80, 503),
+        ]
+        write_jsonl(results, rows)
+        os.utime(results, (1_700_000_000, 1_700_000_000))  # the same header every time
+        write_report(results, output, overwrite=True, thumbnails=8)
+        if extra:
+            output.write_text(output.read_text().replace("</main>", extra + "</main>"))
+        return screenshot(output, tmp_path / f"profile{width}", width)
+
+    page = render(NON_LATIN)
+    for width, image in ((1280, page), (1600, render(NON_LATIN, 1600))):
+        assert background_only(image, (0, image.height - 50, width, image.height))  # all shown
+        assert background_only(image, (width - 50, 0, width, image.height)), width
+    # The check sees a page that does overflow: a long word with no place to break.
+    wide = render(NON_LATIN, extra="<p>" + "W" * 300 + "</p>")
+    assert not background_only(wide, (1230, 0, 1280, wide.height))
+
+    # Tofu is the same box whatever the missing character: a name drawn like one whose letters
+    # are characters no font has (U+E000, private use) would be drawn as boxes.
+    def as_tofu(name: str, box: str = "\ue000") -> str:
+        return "".join(char if char.isascii() else box for char in name)
+
+    control = [as_tofu(NON_LATIN[0], "\ue001"), *NON_LATIN[1:]]
+    assert render(control).tobytes() == render([as_tofu(NON_LATIN[0]), *NON_LATIN[1:]]).tobytes()
+    for i, name in enumerate(NON_LATIN):
+        boxes = render([*NON_LATIN[:i], as_tofu(name), *NON_LATIN[i + 1 :]])
+        assert boxes.size == page.size
+        assert ImageChops.difference(page, boxes).getbbox(), f"{name} is drawn as empty boxes"

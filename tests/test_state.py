@@ -140,6 +140,27 @@ def test_shards_partition_the_inputs() -> None:
             parse_shard(bad)
 
 
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("1/0", "N, the number of shards, must be at least 1"),
+        ("0/0", "N, the number of shards, must be at least 1"),
+        ("1/-2", "N, the number of shards, must be at least 1"),
+        ("5/4", "K must be between 0 and 3"),
+        ("4/4", "K must be between 0 and 3"),
+        ("-1/2", "K must be between 0 and 1"),
+        ("x", "must look like K/N"),
+        ("1/2/3", "must look like K/N"),
+        ("1.5/4", "must look like K/N"),
+    ],
+)
+def test_bad_shards_say_what_is_wrong(text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message) as caught:
+        parse_shard(text)
+    if "N, the number" in message:  # not a complaint about K when N is the problem
+        assert "K must" not in str(caught.value)
+
+
 def test_select_items_skips_done_keys(tmp_path: Path) -> None:
     store = StateStore(tmp_path / "s.state")
     store.record([ok("a", "url:https://e.com/a.jpg")])
