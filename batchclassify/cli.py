@@ -341,6 +341,14 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
         "lists (default: the first of url, path, image)",
     )
     io_group.add_argument(
+        "--keep-columns",
+        type=_names,
+        metavar="NAMES",
+        help="carry these columns (CSV) or fields (JSONL) of list files into every result row, "
+        "e.g. id,split, so results join back to your tables ('columns' in JSONL, extra CSV "
+        "columns; empty for inputs that are not list entries)",
+    )
+    io_group.add_argument(
         "--url-mode",
         choices=("auto", "reference", "fetch"),
         help="how URLs are sent: reference = the service fetches them "
@@ -534,6 +542,11 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="no progress bar (default: shown when stderr is a terminal)",
     )
+
+
+def _names(text: str) -> tuple[str, ...]:
+    """``"id, split"`` -> ``("id", "split")``."""
+    return tuple(name.strip() for name in text.split(",") if name.strip())
 
 
 def settings_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> ResolvedSettings:

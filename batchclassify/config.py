@@ -42,7 +42,7 @@ from batchclassify.pipeline import PipelineOptions
 from batchclassify.prepare import PrepareOptions
 from batchclassify.retry import RetryPolicy
 from batchclassify.runner import JobState
-from batchclassify.sinks import Sink
+from batchclassify.sinks import CSV_COLUMNS, Sink
 from batchclassify.sources import DEFAULT_EXTENSIONS, SourceOptions, parse_extensions
 from batchclassify.state import default_state_path, parse_shard
 from batchclassify.throttle import ThrottleOptions
@@ -78,6 +78,8 @@ class RunSettings:
     progress: bool | None = None
     ext: str = ",".join(sorted(ext.lstrip(".") for ext in DEFAULT_EXTENSIONS))
     column: str | None = None
+    #: list columns (CSV) / fields (JSONL) carried into every row
+    keep_columns: tuple[str, ...] = ()
     url_mode: str = "auto"
     timeout: float = 30.0
     connect_timeout: float = 10.0
@@ -117,6 +119,18 @@ class RunSettings:
         _check(self.max_size is None or self.max_size >= 16, "max_size", "must be >= 16 pixels")
         _check(1 <= self.jpeg_quality <= 100, "jpeg_quality", "must be between 1 and 100")
         _check(self.url_mode in ("auto", "reference", "fetch"), "url_mode", "auto|reference|fetch")
+        clash = sorted(set(self.keep_columns) & {*CSV_COLUMNS, "columns", "source_bytes"})
+        _check(
+            not clash,
+            "keep_columns",
+            f"names a column every row already has: {', '.join(clash)} (results keep the "
+            "list's own value as source)",
+        )
+        _check(
+            len(set(self.keep_columns)) == len(self.keep_columns),
+            "keep_columns",
+            "names a column twice",
+        )
         _check(
             self.confidence is None or 0 <= self.confidence <= 100,
             "confidence",
@@ -176,7 +190,11 @@ class RunSettings:
         )
         return PipelineOptions(
             client=client,
-            sources=SourceOptions(extensions=parse_extensions(self.ext), column=self.column),
+            sources=SourceOptions(
+                extensions=parse_extensions(self.ext),
+                column=self.column,
+                keep_columns=self.keep_columns,
+            ),
             prepare=PrepareOptions(max_size=self.max_size, jpeg_quality=self.jpeg_quality),
             throttle=ThrottleOptions(
                 rate=self.rate, adaptive=self.adaptive, max_outage=self.max_outage
