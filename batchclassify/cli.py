@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from batchclassify import __version__, emulator, report, verify
+from batchclassify.client import CONFIDENCE_KEYWORDS
 from batchclassify.config import ResolvedSettings, RunSettings, format_settings, resolve_settings
 from batchclassify.errors import ConfigError, RunAborted, redact, url_secrets
 from batchclassify.pipeline import Pipeline
@@ -302,8 +303,12 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     )
     what.add_argument(
         "--confidence",
-        type=float,
-        help="threshold the server applies (0-1, default: the server's, 0.4)",
+        type=_confidence,
+        metavar="X",
+        help="threshold on the scores, a probability 0-1 (default 0.4, the server's): every "
+        "row keeps the whole distribution the server returns (it is asked for all classes over "
+        "0.01) and predicted_classes lists those over X; 'best' or 'default' use the server's "
+        "own thresholds instead (then the server filters)",
     )
     what.add_argument(
         "--emulate",
@@ -542,6 +547,19 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="no progress bar (default: shown when stderr is a terminal)",
     )
+
+
+def _confidence(text: str) -> float | str:
+    """``0.5`` or a keyword; range and keywords are checked with the other settings."""
+    lowered = text.strip().lower()
+    if lowered in CONFIDENCE_KEYWORDS:
+        return lowered
+    try:
+        return float(lowered)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a probability (0-1) or one of {', '.join(CONFIDENCE_KEYWORDS)}"
+        ) from None
 
 
 def _names(text: str) -> tuple[str, ...]:

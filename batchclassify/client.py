@@ -43,11 +43,22 @@ from batchclassify.retry import (
 )
 from batchclassify.throttle import Throttle
 
-__all__ = ["DEFAULT_ENDPOINT", "ClassifyClient", "ClientOptions", "Response", "parse_model"]
+__all__ = [
+    "CONFIDENCE_KEYWORDS",
+    "DEFAULT_ENDPOINT",
+    "ClassifyClient",
+    "ClientOptions",
+    "Response",
+    "parse_model",
+]
 
 log = logging.getLogger("batchclassify")
 
 DEFAULT_ENDPOINT = "https://classify.roboflow.com"
+#: the server's own thresholds, passed to it by name
+CONFIDENCE_KEYWORDS = ("best", "default")
+#: the lowest ``confidence`` the server honours: asking for it returns the whole distribution
+SERVER_CONFIDENCE_FLOOR = "0.01"
 USER_AGENT = "batchclassify"
 _MODEL = re.compile(r"^(?:[^/\s]+/)?([^/\s]+)/(\d+)$")
 #: how much of an error body we keep for the message
@@ -81,7 +92,9 @@ class ClientOptions:
     model: str
     version: int
     api_key: str | None = field(default=None, repr=False)
-    confidence: float | None = None
+    #: threshold on the scores, applied here to the whole distribution the server is asked
+    #: for; ``best``/``default`` are passed to the server, which applies them itself
+    confidence: float | str | None = None
     timeout: float = 30.0
     connect_timeout: float = 10.0
     concurrency: int = 8
@@ -117,8 +130,10 @@ class ClassifyClient:
         params = {key: str(value) for key, value in options.extra_params.items()}
         if options.api_key:
             params["api_key"] = options.api_key
-        if options.confidence is not None:
-            params["confidence"] = str(options.confidence)
+        # Ask for every class down to the server's floor; the threshold is applied here, so a
+        # row keeps the whole distribution and can be re-thresholded without a new request.
+        keyword = isinstance(options.confidence, str)
+        params["confidence"] = str(options.confidence) if keyword else SERVER_CONFIDENCE_FLOOR
         self._params = params
         self._secrets = (options.api_key, *url_secrets(options.endpoint))
         #: whether any request succeeded yet, and signs of a wrong endpoint before that

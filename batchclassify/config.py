@@ -30,6 +30,7 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 from batchclassify.client import (
+    CONFIDENCE_KEYWORDS,
     DEFAULT_ENDPOINT,
     DEFAULT_MAX_RESPONSE_BYTES,
     ClientOptions,
@@ -72,7 +73,9 @@ class RunSettings:
     out: tuple[str, ...] = ()
     overwrite: bool = False
     concurrency: int = 8
-    confidence: float | None = None
+    #: the threshold applied to the scores: a probability, or ``best``/``default`` (the
+    #: server's own thresholds); None: the server's default, 0.4
+    confidence: float | str | None = None
     emulate: bool = False
     #: ``None``: a progress bar when stderr is a terminal
     progress: bool | None = None
@@ -132,9 +135,10 @@ class RunSettings:
             "names a column twice",
         )
         _check(
-            self.confidence is None or 0 <= self.confidence <= 100,
+            _valid_confidence(self.confidence),
             "confidence",
-            "must be between 0 and 1 (or a percentage up to 100)",
+            "must be a probability between 0 and 1 (e.g. 0.5), or best or default (the "
+            f"server's own thresholds), got {self.confidence!r}",
         )
         _check(self.queue_size is None or self.queue_size >= 1, "queue_size", "must be >= 1")
         _check(math.isfinite(self.shutdown_grace), "shutdown_grace", "must be finite")
@@ -241,6 +245,12 @@ class RunSettings:
             )
         )
         return [OrganizeSink(organizer)]
+
+
+def _valid_confidence(value: float | str | None) -> bool:
+    if isinstance(value, str):
+        return value in CONFIDENCE_KEYWORDS
+    return value is None or 0.0 <= value <= 1.0
 
 
 def _check(ok: bool, name: str, message: str) -> None:
@@ -428,10 +438,9 @@ def _from_toml(name: str, value: Any, hint: Any, *, where: str) -> Any:
     elif int in kinds:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-    elif float in kinds:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif str in kinds and isinstance(value, str):
+    elif float in kinds and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if str in kinds and isinstance(value, str):
         return value
     wanted = " or ".join(t.__name__ for t in kinds if t is not type(None))
     raise ConfigError(f"{where}: {name} must be {wanted}, got {type(value).__name__} {value!r}")
@@ -449,12 +458,20 @@ def _from_text(name: str, text: str, hint: Any, *, where: str) -> Any:
             raise ValueError(text)
         if int in kinds:
             return int(text)
-        if float in kinds:
+        if float in kinds and not (str in kinds and not _is_number(text)):
             return float(text)
     except ValueError:
         wanted = " or ".join(t.__name__ for t in kinds if t is not type(None))
         raise ConfigError(f"{where}: {name} must be {wanted}, got {text!r}") from None
     return text
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _readable_by_others(path: Path) -> bool:

@@ -318,7 +318,10 @@ class Pipeline:
                     return await self._classify_payload(item, payload)
                 latency = (time.perf_counter() - started) * 1000
                 return result_from_answer(
-                    item.source, response.answer, attempts=response.attempts, latency_ms=latency
+                    item.source,
+                    response.answer.thresholded(client.options.confidence),
+                    attempts=response.attempts,
+                    latency_ms=latency,
                 )
             if item.url is not None:
                 payload = await self._fetch_payload(item.url, executor)
@@ -348,7 +351,10 @@ class Pipeline:
             latency = (time.perf_counter() - started) * 1000
             attempts = payload.attempts + response.attempts
             result = result_from_answer(
-                item.source, response.answer, attempts=attempts, latency_ms=latency
+                item.source,
+                response.answer.thresholded(client.options.confidence),
+                attempts=attempts,
+                latency_ms=latency,
             )
             return dataclasses.replace(result, content_hash=payload.digest)
         except RequestError as exc:

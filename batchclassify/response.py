@@ -14,6 +14,7 @@ Both shapes become one: single-label (``predictions`` a list of ``{class, confid
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -25,6 +26,8 @@ from batchclassify.model import Result
 
 __all__ = ["Answer", "parse_answer", "result_from_answer", "snippet"]
 
+#: the threshold the server applies when none is given
+DEFAULT_THRESHOLD = 0.4
 #: longest class name or inference id accepted (real ones are a few dozen characters)
 MAX_NAME_LENGTH = 1024
 #: largest image side accepted in ``image`` (pixels)
@@ -43,6 +46,22 @@ class Answer:
     image: dict[str, int] | None
     inference_id: str | None
     time: float | None
+    multi_label: bool = False
+
+    def thresholded(self, threshold: float | str | None) -> Answer:
+        """The answer with ``predicted_classes`` recomputed from the scores: the classes scoring
+        at least ``threshold`` (the best one only, for a single-label model); ``None`` means the
+        server's default, 0.4. A keyword (``best``, ``default``) was applied by the server,
+        whose answer is kept. ``top``/``confidence`` stay the best class whatever the threshold,
+        and ``predictions`` every score the server sent."""
+        if isinstance(threshold, str):
+            return self
+        floor = DEFAULT_THRESHOLD if threshold is None else threshold
+        if self.multi_label:
+            predicted = tuple(name for name, score in self.predictions.items() if score >= floor)
+        else:
+            predicted = (self.top,) if self.top and self.confidence >= floor else ()
+        return dataclasses.replace(self, predicted_classes=predicted)
 
 
 def parse_answer(body: bytes) -> Answer:
@@ -59,6 +78,7 @@ def parse_answer(body: bytes) -> Answer:
     if not isinstance(data, dict):
         _malformed(f"the answer is {_kind(data)}, not a JSON object")
     raw = data.get("predictions")
+    multi_label = isinstance(raw, dict)
     if isinstance(raw, list):
         predictions, top, confidence = _single_label(raw, data)
         predicted: tuple[str, ...] = (top,) if top else ()
@@ -85,6 +105,7 @@ def parse_answer(body: bytes) -> Answer:
         image=_image(data.get("image")),
         inference_id=_optional_text(data.get("inference_id"), "inference_id"),
         time=_seconds(data.get("time")),
+        multi_label=multi_label,
     )
 
 
@@ -116,15 +137,15 @@ def _single_label(raw: list[Any], data: dict[str, Any]) -> tuple[dict[str, float
         field = f"predictions[{number}].confidence"
         predictions[name] = _probability(entry.get("confidence"), field)
     top = data.get("top")
-    if top is None:
-        top = max(predictions, key=predictions.__getitem__) if predictions else ""
-    elif top != "":
-        top = _class_name(top, field="top")
-    if "confidence" in data:
-        confidence = _probability(data["confidence"], "confidence")
-    else:
-        confidence = predictions.get(top, 0.0)
-    return predictions, top, confidence
+    top = "" if top in (None, "") else _class_name(top, field="top")
+    confidence = _probability(data["confidence"], "confidence") if "confidence" in data else 0.0
+    if not predictions:
+        # Nothing over the server's threshold: its own top (if any) is all there is.
+        return predictions, top, confidence if top else 0.0
+    # The best class from the scores: what an older server called top, and what a current
+    # one leaves empty when its threshold cut every class.
+    best = max(predictions, key=predictions.__getitem__)
+    return predictions, best, predictions[best]
 
 
 def _class_name(value: Any, *, field: str = "class") -> str:

@@ -52,6 +52,8 @@ class RunStats:
     latency: LatencyHistogram = field(default_factory=LatencyHistogram)
     requests_sent: int = 0
     downloads_sent: int = 0
+    #: ok rows with no class over the threshold
+    no_class: int = 0
     #: inputs answered from an identical copy instead of a request (content dedup)
     reused: int = 0
     #: inputs taken but not classified because the run stopped (a resume does them)
@@ -65,6 +67,8 @@ class RunStats:
         self.total += 1
         if result.ok:
             self.ok += 1
+            if not result.predicted_classes:
+                self.no_class += 1
             if result.top:
                 self.classes[result.top] += 1
             # Only rows that waited on a request: a dedup copy (attempts 0) sent none.
@@ -137,9 +141,11 @@ class RunStats:
         if self.classes:
             parts = ", ".join(f"{name} {count}" for name, count in self.classes.most_common(5))
             lines.append(f"  top classes: {parts}")
-        unsure = self.ok - sum(self.classes.values())
-        if unsure:
-            lines.append(f'  {unsure} ok with no class over the confidence threshold (top "")')
+        if self.no_class:
+            lines.append(
+                f"  {self.no_class} ok with no class over the confidence threshold (empty "
+                "predicted_classes; their best class is still in top)"
+            )
         if self.not_started:
             lines.append(f"  {self.not_started} inputs not started (the run stopped)")
         if self.interrupted:

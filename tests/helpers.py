@@ -136,3 +136,25 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 def read_csv(path: Path) -> list[dict[str, str]]:
     with path.open(newline="") as handle:
         return list(csv.DictReader(handle))
+
+
+def expected_answer(
+    data: bytes, *, threshold: float = 0.4, multi_label: bool = False
+) -> dict[str, Any]:
+    """What a row should hold for these image bytes against the emulator: the client asks for
+    the whole distribution (``confidence=0.01``) and applies ``threshold`` itself, so ``top``
+    is always the best class and ``predicted_classes`` those over the threshold."""
+    from batchclassify.emulator import predict
+
+    body = predict(data, multi_label=multi_label, confidence=0.01)
+    if multi_label:
+        scores = {name: entry["confidence"] for name, entry in body["predictions"].items()}
+    else:
+        scores = {entry["class"]: entry["confidence"] for entry in body["predictions"]}
+    top = max(scores, key=scores.__getitem__) if scores else ""
+    confidence = scores.get(top, 0.0)
+    if multi_label:
+        predicted = [name for name, score in scores.items() if score >= threshold]
+    else:
+        predicted = [top] if top and confidence >= threshold else []
+    return {"top": top, "confidence": confidence, "predicted_classes": predicted, "scores": scores}

@@ -11,9 +11,17 @@ import signal
 from pathlib import Path
 
 from conftest import StartEmulator
-from helpers import emulator_stats, make_image, read_csv, read_jsonl, run_cli, start_cli
+from helpers import (
+    emulator_stats,
+    expected_answer,
+    make_image,
+    read_csv,
+    read_jsonl,
+    run_cli,
+    start_cli,
+)
 
-from batchclassify.emulator import EmulatorConfig, predict, running_emulator
+from batchclassify.emulator import EmulatorConfig, running_emulator
 
 KEY = "resume-key-4242"
 
@@ -75,7 +83,7 @@ async def test_kill_9_then_resume_gives_every_input_exactly_once(
     assert sorted(r["source"] for r in records) == sorted(files)
     assert all(r["status"] == "ok" for r in records)
     for record in records:
-        assert record["top"] == predict(files[record["source"]])["top"]
+        assert record["top"] == expected_answer(files[record["source"]])["top"]
     rows = read_csv(table)
     assert [row["source"] for row in rows] == [r["source"] for r in records]
     served = await emulator_stats(url, images=True)
