@@ -1,4 +1,7 @@
-"""Tests for batchclassify.emulator, over real HTTP on 127.0.0.1 (no mocks)."""
+"""Tests for batchclassify.emulator, over real HTTP on 127.0.0.1 (no mocks).
+
+The official clients (``roboflow``, ``inference-sdk``) against it: ``tests/test_compat.py``.
+"""
 
 from __future__ import annotations
 
@@ -49,13 +52,17 @@ from batchclassify.emulator import (
     predict,
     running_emulator,
     sample_latency,
+    shape_response,
 )
+from batchclassify.emulator import model as emulator_model
 from batchclassify.errors import ConfigError, InputError
 
 StartEmulator = Callable[..., Awaitable[str]]
+ServeBytes = Callable[[dict[str, bytes | int]], Awaitable[str]]
 SINGLE_KEYS = ["time", "image", "predictions", "top", "confidence", "inference_id"]
 MULTI_KEYS = ["time", "image", "predictions", "predicted_classes", "inference_id"]
 RED_JPEG = image_bytes(color=(220, 30, 30), size=(64, 48))
+UNAUTHORIZED = {"status": 401, "message": "Unauthorized api_key"}
 
 
 def stable(body: dict[str, Any]) -> dict[str, Any]:
@@ -103,29 +110,76 @@ async def classify_json(
     return body
 
 
+async def post_json(
+    session: aiohttp.ClientSession,
+    url: str,
+    payload: Any,
+    *,
+    path: str = "/infer/classification",
+    params: dict[str, str] | None = None,
+    headers: dict[str, str] | None = None,
+) -> tuple[int, Any]:
+    """POST a JSON body (the self-hosted server's routes); the status and the parsed answer."""
+    async with session.post(f"{url}{path}", json=payload, params=params, headers=headers) as resp:
+        return resp.status, json.loads(await resp.text())
+
+
+def base64_image(data: bytes) -> dict[str, str]:
+    return {"type": "base64", "value": b64(data)}
+
+
+def image_with_a_tiny_class() -> bytes:
+    """An image whose single-label answer has a class under the server's 0.01 floor."""
+    for seed in range(500):
+        data = image_bytes(seed=seed)
+        scores = [p["confidence"] for p in predict(data, confidence=0)["predictions"]]
+        if min(scores) < 0.01:
+            return data
+    raise AssertionError("no image with a class under 0.01 among 500")
+
+
 # ---------------------------------------------------------------------------------------------
 # response shapes
 
 
 async def test_single_label_shape(emulator_url: str, session: aiohttp.ClientSession) -> None:
     data = image_bytes(seed=3, size=(123, 45))
-    body = await classify_json(session, emulator_url, data, params={"confidence": "0"})
+    body = await classify_json(session, emulator_url, data, params={"confidence": "0.01"})
     assert list(body) == SINGLE_KEYS
     assert isinstance(body["time"], float) and 0 <= body["time"] < 1
     assert body["image"] == {"width": 123, "height": 45}
     uuid.UUID(body["inference_id"], version=4)
     predictions = body["predictions"]
-    assert [list(p) for p in predictions] == [["class", "class_id", "confidence"]] * 6
-    assert sorted(p["class"] for p in predictions) == sorted(DEFAULT_CLASSES)
+    assert predictions, "the floor keeps at least the best class"
+    assert all(list(p) == ["class", "class_id", "confidence"] for p in predictions)
     for p in predictions:
         assert p["class_id"] == DEFAULT_CLASSES.index(p["class"])
-        assert round(p["confidence"], 4) == p["confidence"]
+        assert round(p["confidence"], 4) == p["confidence"] >= 0.01
     confidences = [p["confidence"] for p in predictions]
     assert confidences == sorted(confidences, reverse=True)
-    assert math.isclose(sum(confidences), 1.0, abs_tol=1e-3)  # a softmax
     assert body["top"] == predictions[0]["class"]
     assert body["confidence"] == predictions[0]["confidence"]
-    assert stable(body) == stable(predict(data, confidence=0))
+    assert stable(body) == stable(predict(data, confidence=0.01))
+
+
+def test_single_label_scores_are_a_softmax_over_every_class() -> None:
+    body = predict(image_bytes(seed=3), confidence=0)  # no floor outside the HTTP route
+    assert sorted(p["class"] for p in body["predictions"]) == sorted(DEFAULT_CLASSES)
+    assert math.isclose(sum(p["confidence"] for p in body["predictions"]), 1.0, abs_tol=1e-3)
+
+
+def test_answers_are_plausible() -> None:
+    """Over many images the top score spreads from unsure to confident, and every class wins
+    sometimes (the hash-derived model favours none)."""
+    tops, winners = [], Counter()
+    for seed in range(300):
+        body = predict(image_bytes(seed=seed, size=(40 + seed % 50, 40)), confidence=0)
+        tops.append(body["confidence"])
+        winners[body["top"]] += 1
+    tops.sort()
+    assert 0.2 < tops[len(tops) // 10] < 0.5 and 0.8 < tops[-len(tops) // 10] <= 1.0
+    assert set(winners) == set(DEFAULT_CLASSES)
+    assert max(winners.values()) < 0.4 * len(tops)
 
 
 async def test_default_threshold_drops_classes_under_it(
@@ -134,16 +188,31 @@ async def test_default_threshold_drops_classes_under_it(
     body = await classify_json(session, emulator_url)
     assert body["predictions"], "expected the red test image to have a class over 0.4"
     assert all(p["confidence"] >= 0.4 for p in body["predictions"])
-    everything = await classify_json(session, emulator_url, params={"confidence": "0"})
+    everything = await classify_json(session, emulator_url, params={"confidence": "0.01"})
     kept = [p for p in everything["predictions"] if p["confidence"] >= 0.4]
     assert body["predictions"] == kept
     assert stable(body) == stable(predict(RED_JPEG))
 
 
+def test_threshold_is_tested_on_the_raw_score_then_rounded() -> None:
+    body = shape_response(
+        [0.39996, 0.60004],
+        classes=("a", "b"),
+        multi_label=False,
+        confidence=0.4,
+        width=1,
+        height=1,
+        elapsed=0.0,
+        inference_id="x",
+    )
+    # 0.39996 rounds to 0.4 but is under the threshold: it is not kept
+    assert body["predictions"] == [{"class": "b", "class_id": 1, "confidence": 0.6}]
+
+
 async def test_nothing_over_threshold_gives_empty_top(
     emulator_url: str, session: aiohttp.ClientSession
 ) -> None:
-    body = await classify_json(session, emulator_url, params={"confidence": "0.9999"})
+    body = await classify_json(session, emulator_url, params={"confidence": "100"})  # 1.0
     assert list(body) == SINGLE_KEYS
     assert body["predictions"] == []
     assert body["top"] == ""
@@ -159,15 +228,56 @@ async def test_confidence_of_one_or_more_is_percent(
     assert stable(as_percent) == stable(as_fraction)
 
 
+async def test_confidence_below_the_floor_is_raised_to_it(
+    emulator_url: str, session: aiohttp.ClientSession
+) -> None:
+    data = image_with_a_tiny_class()
+    floor = await classify_json(session, emulator_url, data, params={"confidence": "0.01"})
+    assert len(floor["predictions"]) < len(DEFAULT_CLASSES)  # the tiny class is not there
+    for low in ("0", "0.001", "-3"):
+        body = await classify_json(session, emulator_url, data, params={"confidence": low})
+        assert stable(body) == stable(floor), low
+
+
+@pytest.mark.parametrize("multi_label", [False, True], ids=["single", "multi"])
+async def test_best_and_default_confidence_are_one_half(
+    start_emulator: StartEmulator, session: aiohttp.ClientSession, multi_label: bool
+) -> None:
+    url = await start_emulator(multi_label=multi_label)
+    data = next(  # an image whose answer differs between the thresholds 0.4 and 0.5
+        data
+        for data in (image_bytes(seed=seed) for seed in range(500))
+        if stable(predict(data, multi_label=multi_label, confidence=0.4))
+        != stable(predict(data, multi_label=multi_label, confidence=0.5))
+    )
+    half = await classify_json(session, url, data, params={"confidence": "0.5"})
+    for keyword in ("best", "default"):
+        body = await classify_json(session, url, data, params={"confidence": keyword})
+        assert stable(body) == stable(half)
+    assert stable(half) != stable(await classify_json(session, url, data))  # 0.4 differs
+
+
 def test_parse_confidence() -> None:
     assert parse_confidence(None) == 0.4
-    assert parse_confidence("") == 0.4
     assert parse_confidence("0.25") == 0.25
     assert parse_confidence("40") == 0.4
     assert parse_confidence("1") == 0.01
-    for bad in ("abc", "-0.1", "101", "nan", "inf"):
+    assert parse_confidence("150") == 1.5  # nothing passes, as on the server
+    assert parse_confidence("0") == parse_confidence("-2") == parse_confidence("0.001") == 0.01
+    assert parse_confidence("best") == parse_confidence("default") == 0.5
+    for bad in ("", "abc", "nan", "inf", "BEST", "0.5x"):
         with pytest.raises(ValueError):
             parse_confidence(bad)
+
+
+@pytest.mark.parametrize("raw", ["lots", "", "nan"])
+async def test_invalid_confidence_is_422(
+    emulator_url: str, session: aiohttp.ClientSession, raw: str
+) -> None:
+    status, _, text = await classify(session, emulator_url, params={"confidence": raw})
+    assert status == 422
+    (detail,) = json.loads(text)["detail"]
+    assert detail["loc"] == ["query", "confidence"]
 
 
 async def test_multi_label_shape(
@@ -185,34 +295,67 @@ async def test_multi_label_shape(
         entry = body["predictions"][name]
         assert list(entry) == ["confidence", "class_id"]
         assert entry["class_id"] == i
-        assert (
-            0 <= entry["confidence"] <= 1 and round(entry["confidence"], 4) == entry["confidence"]
-        )
+        assert 0 <= entry["confidence"] <= 1
+    # not rounded: a sigmoid's value has more than 4 decimals
+    assert any(round(e["confidence"], 4) != e["confidence"] for e in body["predictions"].values())
     assert body["predicted_classes"] == [
-        name for name in classes if body["predictions"][name]["confidence"] > 0.5
+        name for name in classes if body["predictions"][name]["confidence"] >= 0.5
     ]
     expected = predict(data, classes=classes, multi_label=True, confidence=0.5)
     assert stable(body) == stable(expected)
-    everything = await classify_json(session, url, data, params={"confidence": "0"})
-    assert everything["predicted_classes"] == list(classes)  # independent sigmoids, all > 0
+    everything = await classify_json(session, url, data, params={"confidence": "0.01"})
+    assert everything["predictions"] == body["predictions"]  # every class, whatever the threshold
+
+
+@pytest.mark.parametrize(("compare", "included"), [("ge", True), ("gt", False)])
+async def test_multi_label_compare_decides_a_score_equal_to_the_threshold(
+    start_emulator: StartEmulator, session: aiohttp.ClientSession, compare: str, included: bool
+) -> None:
+    url = await start_emulator(multi_label=True, multi_label_compare=compare)
+    data = image_bytes(seed=11)
+    everything = await classify_json(session, url, data, params={"confidence": "0.01"})
+    name, score = next(
+        (name, entry["confidence"])
+        for name, entry in everything["predictions"].items()
+        if 0.01 <= entry["confidence"] < 1
+    )
+    # the exact score as the threshold: repr() round-trips a float through text
+    body = await classify_json(session, url, data, params={"confidence": repr(score)})
+    assert (name in body["predicted_classes"]) is included
+
+
+def test_multi_label_compare_in_shape_response() -> None:
+    common: dict[str, Any] = {
+        "classes": ("a", "b", "c"),
+        "multi_label": True,
+        "confidence": 0.5,
+        "width": 1,
+        "height": 1,
+        "elapsed": 0.0,
+        "inference_id": "x",
+    }
+    scores = [0.5, 0.7, 0.2]
+    assert shape_response(scores, **common)["predicted_classes"] == ["a", "b"]  # "ge" default
+    gt = shape_response(scores, multi_label_compare="gt", **common)
+    assert gt["predicted_classes"] == ["b"]
 
 
 # ---------------------------------------------------------------------------------------------
-# determinism and payload forms
+# determinism, the model and payload forms
 
 
 async def test_predictions_are_deterministic_and_content_dependent(
     start_emulator: StartEmulator, session: aiohttp.ClientSession, sample_images: list[Path]
 ) -> None:
     first, second = await start_emulator(), await start_emulator(seed=99)
-    params = {"confidence": "0"}
+    params = {"confidence": "0.01"}
     answers = []
     for path in sample_images:
         data = path.read_bytes()
         a = await classify_json(session, first, data, params=params)
         b = await classify_json(session, first, data, params=params)
         c = await classify_json(session, second, data, params=params)
-        assert stable(a) == stable(b) == stable(c) == stable(predict(data, confidence=0))
+        assert stable(a) == stable(b) == stable(c) == stable(predict(data, confidence=0.01))
         assert a["inference_id"] != b["inference_id"]
         answers.append(json.dumps(a["predictions"]))
     assert len(set(answers)) == len(sample_images), "different images got the same answer"
@@ -233,6 +376,60 @@ def test_same_colours_different_layout_or_size_differ() -> None:
         assert predict(a, confidence=0)["predictions"] != predict(b, confidence=0)["predictions"]
 
 
+def test_complete_jpeg_and_png_are_analysed_from_the_header_alone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The cheap path: no Pillow at all for a complete JPEG or PNG; other formats, and files
+    that look truncated, are still opened (and decoded) by Pillow."""
+    expected = {fmt: analyze_image(image_bytes(seed=2, fmt=fmt)) for fmt in ("JPEG", "PNG", "GIF")}
+
+    def no_pillow(*args: object, **kwargs: object) -> Image.Image:
+        raise AssertionError("Image.open was called")
+
+    monkeypatch.setattr(emulator_model.Image, "open", no_pillow)
+    for fmt in ("JPEG", "PNG"):
+        assert analyze_image(image_bytes(seed=2, fmt=fmt)) == expected[fmt]
+    with pytest.raises(InputError, match=r"Image\.open was called"):
+        analyze_image(image_bytes(seed=2, fmt="GIF"))
+    with pytest.raises(InputError, match=r"Image\.open was called"):
+        analyze_image(RED_JPEG[:-2])  # no end-of-image marker: ask Pillow, which refuses
+    frames = [Image.new("RGB", (8, 8), colour) for colour in ("red", "blue")]
+    apng = _encoded(frames[0], "PNG", save_all=True, append_images=frames[1:])
+    with pytest.raises(InputError, match=r"Image\.open was called"):
+        analyze_image(apng)  # animated: Pillow checks it, as it does a GIF
+
+
+def _encoded(image: Image.Image, fmt: str, **params: Any) -> bytes:
+    out = io.BytesIO()
+    image.save(out, fmt, **params)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("make", "fmt", "params"),
+    [
+        (lambda: Image.new("RGB", (77, 33), (9, 99, 199)), "JPEG", {"progressive": True}),
+        (lambda: Image.new("RGB", (64, 40), (9, 99, 199)), "JPEG", {"exif": b"Exif\x00\x00"}),
+        (lambda: Image.new("CMYK", (21, 12), (0, 255, 0, 0)), "JPEG", {}),
+        (lambda: Image.new("L", (300, 7), 80), "JPEG", {"quality": 20}),
+        (lambda: Image.new("RGB", (5000, 3), (1, 2, 3)), "JPEG", {}),
+        (lambda: Image.new("1", (9, 9), 1), "PNG", {}),
+        (lambda: Image.new("P", (12, 40), 3), "PNG", {}),
+        (lambda: Image.new("RGBA", (16, 16), (0, 255, 0, 40)), "PNG", {"optimize": True}),
+        (lambda: Image.new("I;16", (10, 11), 40000), "PNG", {}),
+        (lambda: Image.new("RGB", (33, 17), (5, 5, 5)), "PNG", {"interlace": 1}),
+    ],
+    ids=["progressive", "exif", "cmyk", "grey", "wide", "png1", "pngP", "rgba", "i16", "adam7"],
+)
+def test_header_sizes_match_pillow(
+    make: Callable[[], Image.Image], fmt: str, params: dict[str, Any]
+) -> None:
+    data = _encoded(make(), fmt, **params)
+    assert emulator_model._header_size(data) is not None  # the cheap path applies
+    with Image.open(io.BytesIO(data)) as image:
+        assert (analyze_image(data).width, analyze_image(data).height) == image.size
+
+
 async def test_data_url_prefix_and_line_wrapped_base64(
     emulator_url: str, session: aiohttp.ClientSession
 ) -> None:
@@ -251,15 +448,15 @@ async def test_big_payload_is_decoded_off_the_loop(
     noise.save(out, "JPEG", quality=95)
     data = out.getvalue()
     encoded = b64(data).encode()
-    assert len(encoded) > 1024 * 1024  # over both thresholds: base64 and image decoding
+    assert len(encoded) > 1024 * 1024  # over both thresholds: base64 and image work
     async with session.post(  # BytesIO: aiohttp warns about big bodies given as bytes
-        f"{emulator_url}/proj/1?api_key=k&confidence=0",
+        f"{emulator_url}/proj/1?api_key=k&confidence=0.01",
         data=io.BytesIO(encoded),
         headers=FORM_CONTENT_TYPE,
     ) as resp:
         assert resp.status == 200
         body = await resp.json()
-    assert stable(body) == stable(predict(data, confidence=0))
+    assert stable(body) == stable(predict(data, confidence=0.01))
     assert body["image"] == {"width": 1200, "height": 1200}
 
 
@@ -268,23 +465,9 @@ def test_decode_base64_payload() -> None:
     encoded = base64.b64encode(raw)
     assert decode_base64_payload(encoded) == raw
     assert decode_base64_payload(b"data:image/png;base64," + encoded + b"\n") == raw
-    for bad in (b"", b"   \n", b"data:image/png;base64,", b"abc", b"data:nocomma"):
+    for bad in (b"", b"   \n", b"data:image/png;base64,", b"abc", b"data:nocomma", raw):
         with pytest.raises(InputError):
             decode_base64_payload(bad)
-
-
-async def test_bearer_token_is_accepted(
-    start_emulator: StartEmulator, session: aiohttp.ClientSession
-) -> None:
-    url = await start_emulator(api_key="secret")
-    async with session.post(
-        f"{url}/proj/1",
-        data=b64(RED_JPEG),
-        headers={**FORM_CONTENT_TYPE, "Authorization": "Bearer secret"},
-    ) as resp:
-        assert resp.status == 200
-    status, _, _ = await classify(session, url, params={"api_key": "secret"})
-    assert status == 200
 
 
 @pytest.mark.parametrize(
@@ -303,11 +486,17 @@ async def test_bearer_token_is_accepted(
 )
 def test_odd_but_valid_images_decode(mode_image: Image.Image) -> None:
     fmt = "JPEG" if mode_image.mode in ("L", "CMYK") else "PNG"
-    out = io.BytesIO()
-    mode_image.save(out, fmt)
-    body = predict(out.getvalue(), confidence=0)
+    body = predict(_encoded(mode_image, fmt), confidence=0)
     assert body["image"] == {"width": mode_image.width, "height": mode_image.height}
     assert len(body["predictions"]) == len(DEFAULT_CLASSES)
+
+
+@pytest.mark.parametrize("fmt", ["GIF", "WEBP", "BMP", "TIFF"])
+def test_other_formats_are_decoded_by_pillow(fmt: str) -> None:
+    data = image_bytes(seed=4, size=(31, 29), fmt=fmt)
+    assert predict(data, confidence=0)["image"] == {"width": 31, "height": 29}
+    with pytest.raises(InputError):
+        analyze_image(data[: len(data) // 2])
 
 
 @settings(max_examples=150, deadline=None)
@@ -322,6 +511,22 @@ def test_arbitrary_bytes_never_crash_the_decoder(data: bytes) -> None:
 def test_truncated_jpeg_is_an_input_error(cut: int) -> None:
     with pytest.raises(InputError):
         analyze_image(RED_JPEG[:cut])
+
+
+RED_PNG = image_bytes(seed=9, size=(40, 30), fmt="PNG")
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(min_value=0, max_value=len(RED_PNG) - 1))
+def test_truncated_png_is_never_vouched_for_by_its_header(cut: int) -> None:
+    data = RED_PNG[:cut]
+    assert emulator_model._header_size(data) is None  # no IEND: Pillow must decode it
+    try:
+        analyze_image(data)
+    except InputError:
+        return
+    with Image.open(io.BytesIO(data)) as image:  # accepted only if every pixel decodes
+        image.load()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -356,13 +561,31 @@ def png_claiming(width: int, height: int) -> bytes:
         ("   \n", "empty payload"),
         ("abc", "invalid base64"),
         ("data:image/png;base64,", "empty payload"),
+        (RED_JPEG.decode("latin-1"), "raw binary"),
     ],
-    ids=["not-image", "truncated", "bomb", "big", "empty", "blank", "bad-b64", "empty-data-url"],
+    ids=[
+        "not-image",
+        "truncated",
+        "bomb",
+        "big",
+        "empty",
+        "blank",
+        "bad-b64",
+        "empty-data-url",
+        "raw-binary",
+    ],
 )
 async def test_undecodable_payloads_are_400(
     emulator_url: str, session: aiohttp.ClientSession, body: bytes | str, cause: str
 ) -> None:
-    status, headers, text = await classify(session, emulator_url, body)
+    if isinstance(body, str) and cause == "raw binary":
+        body_bytes: bytes | str = body.encode("latin-1")  # the file's own bytes, not base64
+        async with session.post(
+            f"{emulator_url}/proj/1?api_key=k", data=body_bytes, headers=FORM_CONTENT_TYPE
+        ) as resp:
+            status, headers, text = resp.status, dict(resp.headers), await resp.text()
+    else:
+        status, headers, text = await classify(session, emulator_url, body)
     assert status == 400
     assert headers["Content-Type"].startswith("application/json")
     message = json.loads(text)["message"]
@@ -378,11 +601,13 @@ async def test_missing_content_type_is_400(
     assert "Content-Type" in json.loads(text)["message"]
 
 
-async def test_multipart_is_400(emulator_url: str, session: aiohttp.ClientSession) -> None:
-    form = aiohttp.FormData()
-    form.add_field("file", RED_JPEG, filename="a.jpg", content_type="image/jpeg")
-    async with session.post(f"{emulator_url}/proj/1?api_key=k", data=form) as resp:
-        assert resp.status == 400
+async def test_any_other_content_type_is_read_as_base64(
+    emulator_url: str, session: aiohttp.ClientSession
+) -> None:
+    # inference-sdk's v0 mode sends its base64 body as application/json
+    for content_type in ("application/json", "text/plain", "image/jpeg"):
+        body = await classify_json(session, emulator_url, headers={"Content-Type": content_type})
+        assert stable(body) == stable(predict(RED_JPEG))
 
 
 async def test_auth_and_model_errors(
@@ -391,7 +616,7 @@ async def test_auth_and_model_errors(
     url = await start_emulator(api_key="secret", models={"proj/1", "other/3"})
     checks = [
         ({"api_key": ""}, "proj/1", 401),
-        ({"api_key": "wrong"}, "proj/1", 403),
+        ({"api_key": "wrong"}, "proj/1", 401),
         ({"api_key": "secret"}, "proj/2", 404),
         ({"api_key": "secret"}, "nope/1", 404),
         ({"api_key": "secret"}, "proj/abc", 404),
@@ -411,6 +636,51 @@ async def test_auth_and_model_errors(
     any_key = await start_emulator()
     status, _, _ = await classify(session, any_key, params={"api_key": ""})
     assert status == 401
+
+
+async def test_a_wrong_or_missing_key_is_401_with_the_serverless_body(
+    start_emulator: StartEmulator, session: aiohttp.ClientSession
+) -> None:
+    url = await start_emulator(api_key="secret")
+    form = FORM_CONTENT_TYPE
+    attempts: list[tuple[str, dict[str, str]]] = [
+        (f"{url}/proj/1?api_key=wrong", form),
+        (f"{url}/proj/1", form),  # no key at all
+        (f"{url}/proj/1", {**form, "Authorization": "Bearer wrong"}),
+        (f"{url}/proj/1", {**form, "Authorization": "Basic secret"}),  # not a bearer token
+    ]
+    for target, headers in attempts:
+        async with session.post(target, data=b64(RED_JPEG), headers=headers) as resp:
+            assert resp.status == 401, (target, headers)
+            assert await resp.json() == UNAUTHORIZED
+
+
+@pytest.mark.parametrize(
+    ("query_key", "header_key", "expected"),
+    [
+        (None, "secret", 200),
+        ("secret", None, 200),
+        ("wrong", "secret", 401),  # the query wins, even when the header is right
+        ("secret", "wrong", 200),
+        ("", "secret", 401),  # a present but empty query key still wins
+    ],
+)
+async def test_api_key_transport_and_precedence(
+    start_emulator: StartEmulator,
+    session: aiohttp.ClientSession,
+    query_key: str | None,
+    header_key: str | None,
+    expected: int,
+) -> None:
+    url = await start_emulator(api_key="secret")
+    params = {} if query_key is None else {"api_key": query_key}
+    headers = dict(FORM_CONTENT_TYPE)
+    if header_key is not None:
+        headers["Authorization"] = f"Bearer {header_key}"
+    async with session.post(
+        f"{url}/proj/1", params=params, data=b64(RED_JPEG), headers=headers
+    ) as resp:
+        assert resp.status == expected
 
 
 async def test_body_too_large_is_413(
@@ -454,15 +724,92 @@ async def test_client_leaving_mid_upload_is_counted_and_harmless(emulator_url: s
 
 
 # ---------------------------------------------------------------------------------------------
+# multipart/form-data
+
+
+async def test_multipart_file_part_is_accepted(
+    emulator_url: str, session: aiohttp.ClientSession
+) -> None:
+    data = image_bytes(seed=17, size=(45, 54))
+    form = aiohttp.FormData()
+    form.add_field("name", "ignored")  # other parts are skipped
+    form.add_field("file", data, filename="a.jpg", content_type="image/jpeg")
+    async with session.post(
+        f"{emulator_url}/proj/1", data=form, headers={"Authorization": "Bearer k"}
+    ) as resp:
+        assert resp.status == 200, await resp.text()
+        body = await resp.json()
+    assert stable(body) == stable(predict(data))  # the raw bytes, not base64
+    stats = await emulator_stats(emulator_url, images=True)
+    assert stats["images"][hashlib.sha256(data).hexdigest()] == {"requests": 1, "ok": 1}
+
+
+@pytest.mark.parametrize(
+    ("name", "filename", "content", "fragment"),
+    [
+        ("image", "a.jpg", RED_JPEG, "part named 'file'"),
+        ("file", None, RED_JPEG, "Invalid Content-Type"),  # a field, not a file upload
+        ("file", "a.jpg", b64(RED_JPEG).encode(), "Could not load input image"),  # base64
+        ("file", "a.jpg", b"not an image", "UnidentifiedImageError"),
+    ],
+    ids=["no-file-part", "file-field", "base64-in-part", "not-an-image"],
+)
+async def test_bad_multipart_is_400(
+    emulator_url: str,
+    session: aiohttp.ClientSession,
+    name: str,
+    filename: str | None,
+    content: bytes,
+    fragment: str,
+) -> None:
+    form = aiohttp.FormData(default_to_multipart=True)
+    if filename is None:
+        form.add_field(name, content.decode("latin-1"))
+    else:
+        form.add_field(name, content, filename=filename, content_type="image/jpeg")
+    async with session.post(f"{emulator_url}/proj/1?api_key=k", data=form) as resp:
+        assert resp.status == 400
+        assert fragment in (await resp.json())["message"]
+
+
+@pytest.mark.parametrize(
+    ("content_type", "body"),
+    [
+        ("multipart/form-data", b"--b\r\n"),  # no boundary parameter
+        ("multipart/form-data; boundary=b", b"--b\r\nnot a header\r\n\r\nx\r\n--b--\r\n"),
+        ("multipart/form-data; boundary=b", b"no boundary line at all"),
+    ],
+    ids=["no-boundary", "bad-part-header", "no-parts"],
+)
+async def test_malformed_multipart_is_400(
+    emulator_url: str, session: aiohttp.ClientSession, content_type: str, body: bytes
+) -> None:
+    async with session.post(
+        f"{emulator_url}/proj/1?api_key=k", data=body, headers={"Content-Type": content_type}
+    ) as resp:
+        assert resp.status == 400
+        assert (await resp.json())["message"].startswith("Could not load input image. Cause: ")
+
+
+async def test_multipart_over_the_limit_is_413(
+    start_emulator: StartEmulator, session: aiohttp.ClientSession
+) -> None:
+    url = await start_emulator(max_body_bytes=2000)
+    big = Image.effect_noise((80, 80), 60).convert("RGB")
+    form = aiohttp.FormData()
+    form.add_field("file", _encoded(big, "PNG"), filename="a.png", content_type="image/png")
+    async with session.post(f"{url}/proj/1?api_key=k", data=form) as resp:
+        assert resp.status == 413
+
+
+# ---------------------------------------------------------------------------------------------
 # image= URLs
 
 
 async def test_image_url_is_fetched(
-    start_emulator: StartEmulator,
-    session: aiohttp.ClientSession,
-    serve_bytes: Callable[[dict[str, bytes | int]], Awaitable[str]],
+    start_emulator: StartEmulator, session: aiohttp.ClientSession, serve_bytes: ServeBytes
 ) -> None:
-    url = await start_emulator()
+    url = await start_emulator(allow_http_image_urls=True)
     data = image_bytes(seed=21, size=(33, 44))
     files = await serve_bytes({"/cat.jpg": data, "/gone.jpg": 404, "/junk.jpg": b"junk"})
     # Like the official client's hosted=True: no body and no Content-Type at all.
@@ -484,6 +831,7 @@ async def test_image_url_is_fetched(
         "ftp://example.com/x.jpg",
         "/etc/passwd",
         "http://",
+        "",
     ):
         status, _, text = await classify(session, url, "", params={"image": bad})
         assert status == 400, bad
@@ -492,16 +840,252 @@ async def test_image_url_is_fetched(
     assert stats["images"][hashlib.sha256(data).hexdigest()] == {"requests": 1, "ok": 1}
 
 
-async def test_https_only_when_http_urls_are_not_allowed(
+async def test_get_with_an_image_url_works_like_post(
+    start_emulator: StartEmulator, session: aiohttp.ClientSession, serve_bytes: ServeBytes
+) -> None:
+    url = await start_emulator(allow_http_image_urls=True, api_key="k")
+    data = image_bytes(seed=22)
+    files = await serve_bytes({"/cat.jpg": data})
+    params = {"api_key": "k", "image": f"{files}/cat.jpg", "confidence": "0.01"}
+    async with session.get(f"{url}/proj/1", params=params) as resp:
+        assert resp.status == 200
+        assert stable(await resp.json()) == stable(predict(data, confidence=0.01))
+    async with session.get(f"{url}/proj/1", params={**params, "api_key": "no"}) as resp:
+        assert resp.status == 401
+    async with session.get(f"{url}/proj/1", params={"api_key": "k"}) as resp:
+        assert resp.status == 400  # no image= and no body (no Content-Type)
+
+
+async def test_http_and_private_image_urls_are_refused_by_default(
+    emulator_url: str, session: aiohttp.ClientSession, serve_bytes: ServeBytes
+) -> None:
+    assert EmulatorConfig().allow_http_image_urls is False
+    files = await serve_bytes({"/cat.jpg": RED_JPEG})
+    for bad in (
+        f"{files}/cat.jpg",  # http:// (and loopback)
+        "https://127.0.0.1/x.jpg",
+        "https://localhost/x.jpg",
+        "https://10.1.2.3/x.jpg",
+        "https://[::1]/x.jpg",
+        "https://intranet/x.jpg",
+    ):
+        status, _, text = await classify(session, emulator_url, "", params={"image": bad})
+        assert status == 400, bad
+        assert "https" in text or "publicly reachable" in text
+    assert (await emulator_stats(emulator_url))["distinct_images"] == 0  # nothing was fetched
+
+
+# ---------------------------------------------------------------------------------------------
+# the self-hosted JSON route
+
+
+async def test_json_route_answers_one_image(
+    start_emulator: StartEmulator, session: aiohttp.ClientSession
+) -> None:
+    url = await start_emulator(api_key="secret")
+    data = image_bytes(seed=31)
+    payload = {"model_id": "proj/3", "api_key": "secret", "image": base64_image(data)}
+    status, body = await post_json(session, url, payload)
+    assert status == 200
+    assert list(body) == SINGLE_KEYS and stable(body) == stable(predict(data))
+
+
+async def test_json_route_answers_a_batch_in_input_order(
+    start_emulator: StartEmulator, session: aiohttp.ClientSession
+) -> None:
+    url = await start_emulator(multi_label=True)
+    images = [image_bytes(seed=40 + n, size=(30 + n, 20)) for n in range(4)]
+    payload = {
+        "model_id": "proj/3",
+        "api_key": "k",
+        "image": [base64_image(data) for data in images],
+        "confidence": 0.3,
+    }
+    status, body = await post_json(session, url, payload)
+    assert status == 200 and isinstance(body, list) and len(body) == 4
+    for answer, data in zip(body, images, strict=True):
+        expected = predict(data, multi_label=True, confidence=0.3)
+        assert stable(answer) == stable(expected)
+    status, single = await post_json(session, url, {**payload, "image": payload["image"][:1]})
+    assert status == 200 and isinstance(single, list) and len(single) == 1  # a list stays one
+    stats = await emulator_stats(url)
+    assert stats["requests"] == 2 and stats["ok_requests"] == 2
+    assert stats["distinct_images"] == 4 and stats["max_ok_per_image"] == 2
+
+
+async def test_json_route_one_bad_image_fails_the_whole_request(
+    emulator_url: str, session: aiohttp.ClientSession
+) -> None:
+    good = base64_image(image_bytes(seed=1))
+    for bad in (
+        {"type": "base64", "value": b64(b"not an image")},
+        {"type": "base64", "value": "abc"},
+        {"type": "numpy", "value": "x"},
+        {"type": "base64"},
+        {"type": "url", "value": "http://127.0.0.1:9/x.jpg"},  # refused: http, loopback
+    ):
+        status, body = await post_json(
+            session, emulator_url, {"model_id": "p/1", "api_key": "k", "image": [good, bad, good]}
+        )
+        assert status == 400, bad
+        assert body["message"].startswith("Could not load input image. Cause: ")
+        assert "image 1" in body["message"]
+    stats = await emulator_stats(emulator_url)
+    assert stats["ok_requests"] == 0 and stats["by_status"] == {"400": 5}
+
+
+async def test_json_route_confidence_is_used_as_given(
+    emulator_url: str, session: aiohttp.ClientSession
+) -> None:
+    data = image_with_a_tiny_class()
+    payload = {"model_id": "p/1", "api_key": "k", "image": base64_image(data)}
+    status, everything = await post_json(session, emulator_url, {**payload, "confidence": 0})
+    assert status == 200
+    assert len(everything["predictions"]) == len(DEFAULT_CLASSES)  # no 0.01 floor here
+    status, none = await post_json(session, emulator_url, {**payload, "confidence": 2})
+    assert status == 200 and none["predictions"] == [] and none["top"] == ""  # not 2 percent
+    legacy = await classify_json(session, emulator_url, data, params={"confidence": "2"})
+    assert legacy["predictions"]  # the legacy route reads 2 as 0.02
+    status, best = await post_json(session, emulator_url, {**payload, "confidence": "best"})
+    assert status == 200 and stable(best) == stable(predict(data, confidence=0.5))
+
+
+@pytest.mark.parametrize(
+    ("payload", "loc"),
+    [
+        ("[not json", ["body"]),
+        ("[" * 100_000, ["body"]),  # nested too deep for the parser: not a crash
+        ([1, 2], ["body"]),
+        ({"api_key": "k", "image": {"type": "base64", "value": "x"}}, ["body", "model_id"]),
+        ({"model_id": "p/1", "api_key": "k"}, ["body", "image"]),
+        ({"model_id": "p/1", "api_key": "k", "image": "aGk="}, ["body", "image", "type"]),
+        ({"model_id": 3, "api_key": "k", "image": {"type": "url"}}, ["body", "model_id"]),
+        (
+            {"model_id": "p/1", "api_key": "k", "image": {"type": "url"}, "confidence": "lots"},
+            ["body", "confidence"],
+        ),
+    ],
+    ids=[
+        "not-json",
+        "deep",
+        "not-object",
+        "no-model",
+        "no-image",
+        "image-str",
+        "model-int",
+        "confidence",
+    ],
+)
+async def test_json_route_validation_errors_are_422(
+    emulator_url: str, session: aiohttp.ClientSession, payload: Any, loc: list[str]
+) -> None:
+    data = payload if isinstance(payload, str) else json.dumps(payload)
+    async with session.post(
+        f"{emulator_url}/infer/classification",
+        data=data,
+        headers={"Content-Type": "application/json"},
+    ) as resp:
+        assert resp.status == 422
+        (detail,) = (await resp.json())["detail"]
+    assert detail["loc"] == loc
+    assert "k" not in json.dumps(detail).replace('"', " ").split()  # no input echoed
+
+
+@pytest.mark.parametrize(
+    ("query_key", "body_key", "header_key", "expected"),
+    [
+        (None, "secret", None, 200),
+        (None, None, "secret", 200),
+        (None, "wrong", "secret", 401),  # body > header
+        ("wrong", "secret", None, 401),  # query > body
+        ("secret", "wrong", "wrong", 200),
+        (None, None, None, 401),
+    ],
+)
+async def test_json_route_key_precedence(
     start_emulator: StartEmulator,
     session: aiohttp.ClientSession,
-    serve_bytes: Callable[[dict[str, bytes | int]], Awaitable[str]],
+    query_key: str | None,
+    body_key: str | None,
+    header_key: str | None,
+    expected: int,
 ) -> None:
-    url = await start_emulator(allow_http_image_urls=False)
-    files = await serve_bytes({"/cat.jpg": RED_JPEG})
-    for bad in (f"{files}/cat.jpg", "https://127.0.0.1/x.jpg", "https://localhost/x.jpg"):
-        status, _, _ = await classify(session, url, "", params={"image": bad})
-        assert status == 400, bad
+    url = await start_emulator(api_key="secret")
+    payload: dict[str, Any] = {"model_id": "p/1", "image": base64_image(RED_JPEG)}
+    if body_key is not None:
+        payload["api_key"] = body_key
+    params = {} if query_key is None else {"api_key": query_key}
+    headers = {} if header_key is None else {"Authorization": f"Bearer {header_key}"}
+    status, body = await post_json(session, url, payload, params=params, headers=headers)
+    assert status == expected
+    if status == 401:
+        assert body == UNAUTHORIZED
+
+
+async def test_json_route_model_errors(
+    start_emulator: StartEmulator, session: aiohttp.ClientSession
+) -> None:
+    url = await start_emulator(models={"proj/1"})
+    image = base64_image(RED_JPEG)
+    for model_id, expected in (("proj/1", 200), ("nope/1", 404), ("proj/x", 404), ("proj", 400)):
+        status, _ = await post_json(
+            session, url, {"model_id": model_id, "api_key": "k", "image": image}
+        )
+        assert status == expected, model_id
+
+
+async def test_model_registry_add_remove_clear(
+    start_emulator: StartEmulator, session: aiohttp.ClientSession
+) -> None:
+    url = await start_emulator(api_key="secret", models={"proj/1", "other/2"})
+
+    async def registry() -> list[str]:
+        async with session.get(f"{url}/model/registry") as resp:  # no key needed
+            assert resp.status == 200
+            return [m["model_id"] for m in (await resp.json())["models"]]
+
+    assert await registry() == []
+    add = "/model/add"
+    assert (await post_json(session, url, {"model_id": "proj/1"}, path=add))[0] == 401
+    status, _ = await post_json(session, url, {"model_id": "proj/1", "api_key": "no"}, path=add)
+    assert status == 401
+    status, _ = await post_json(session, url, {"model_id": "x/1", "api_key": "secret"}, path=add)
+    assert status == 404
+    status, body = await post_json(
+        session, url, {"model_id": "proj/1"}, path=add, headers={"Authorization": "Bearer secret"}
+    )
+    assert status == 200
+    assert body == {
+        "models": [
+            {
+                "model_id": "proj/1",
+                "task_type": "classification",
+                "batch_size": None,
+                "input_height": 224,
+                "input_width": 224,
+            }
+        ]
+    }
+    # a classify request loads the model it is asked for, as the server does
+    payload = {"model_id": "other/2", "api_key": "secret", "image": base64_image(RED_JPEG)}
+    assert (await post_json(session, url, payload))[0] == 200
+    assert await registry() == ["proj/1", "other/2"]
+    assert (await post_json(session, url, {"model_id": "proj/1"}, path="/model/remove"))[0] == 200
+    assert await registry() == ["other/2"]
+    assert (await post_json(session, url, {}, path="/model/clear"))[0] == 200
+    assert await registry() == []
+    await classify_json(session, url, params={"api_key": "secret"})  # the legacy route too
+    assert await registry() == ["proj/1"]
+    stats = await emulator_stats(url)
+    assert stats["requests"] == 2  # registry calls are not classify requests, but are counted
+    assert stats["by_route"] == {
+        "/infer/classification": 1,
+        "/model/add": 4,
+        "/model/clear": 1,
+        "/model/registry": 5,
+        "/model/remove": 1,
+        "/{model}/{version}": 1,
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -600,6 +1184,64 @@ async def test_garbage_bodies_are_not_json(
     assert stats["ok_requests"] == 0  # garbage is not an answer
 
 
+async def test_fail_status_injection_answers_the_services_bodies(
+    start_emulator: StartEmulator, session: aiohttp.ClientSession
+) -> None:
+    url = await start_emulator(fail_statuses={402: 0.25, 423: 0.25, 503: 0.25, 507: 0.2}, seed=2)
+    seen: Counter[int] = Counter()
+    for _ in range(60):
+        status, headers, text = await classify(session, url)
+        seen[status] += 1
+        if status == 200:
+            continue
+        body = json.loads(text)
+        if status == 402:
+            assert body == {"status": 402, "message": body["message"]} and body["message"]
+        else:
+            assert list(body) == ["message"], status
+        assert ("Retry-After" in headers) is (status == 503)
+        if status == 503:
+            assert headers["Retry-After"] == "1"
+    assert set(seen) == {200, 402, 423, 503, 507}
+    stats = await emulator_stats(url)
+    assert stats["injected"] == {"fail_status": 60 - seen[200]}
+    assert stats["by_status"] == {str(k): v for k, v in sorted(seen.items())}
+    assert stats["ok_requests"] == seen[200]
+
+
+async def test_fail_status_draws_after_the_other_faults_from_the_same_seed(
+    start_emulator: StartEmulator, session: aiohttp.ClientSession
+) -> None:
+    async def statuses(url: str) -> list[int]:
+        return [(await classify(session, url))[0] for _ in range(30)]
+
+    plain = await statuses(await start_emulator(fail_rate=0.5, seed=9))
+    mixed = await statuses(await start_emulator(fail_rate=0.5, fail_statuses={401: 0.5}, seed=9))
+    assert 200 in plain and 401 in mixed
+    # the same draws: where the first answered 200, the second injected its 401
+    assert [401 if status == 200 else status for status in plain] == mixed
+
+
+@pytest.mark.parametrize("status", [401, 402])
+async def test_injected_401_and_402_carry_the_status_in_the_body(
+    start_emulator: StartEmulator, session: aiohttp.ClientSession, status: int
+) -> None:
+    url = await start_emulator(fail_statuses={status: 1.0})
+    got, _, text = await classify(session, url)
+    assert got == status and json.loads(text)["status"] == status
+    if status == 401:
+        assert json.loads(text) == UNAUTHORIZED
+
+
+async def test_faults_apply_to_the_json_route(
+    start_emulator: StartEmulator, session: aiohttp.ClientSession
+) -> None:
+    url = await start_emulator(fail_statuses={423: 1.0})
+    payload = {"model_id": "p/1", "api_key": "k", "image": [base64_image(RED_JPEG)] * 2}
+    status, body = await post_json(session, url, payload)
+    assert status == 423 and list(body) == ["message"]
+
+
 # ---------------------------------------------------------------------------------------------
 # rate limit and latency
 
@@ -689,6 +1331,7 @@ async def test_stats_and_reset(
         "max_ok_per_image": 2,
         "ok_requests": 3,
         "injected": {},
+        "by_route": {"/{model}/{version}": 5},
     }
     detailed = await emulator_stats(emulator_url, images=True)
     assert detailed["images"][hashlib.sha256(red).hexdigest()] == {"requests": 2, "ok": 2}
@@ -723,11 +1366,28 @@ async def test_stats_and_reset(
         {"models": {"no-version"}},
         {"api_key": ""},
         {"latency_ms": float("nan")},
+        {"multi_label_compare": "lt"},
+        {"fail_statuses": {200: 0.1}},
+        {"fail_statuses": {"402": 0.1}},
+        {"fail_statuses": {True: 0.1}},
+        {"fail_statuses": {402: 1.5}},
+        {"fail_statuses": {402: 0.6}, "fail_rate": 0.6},
     ],
 )
 def test_invalid_config_is_rejected(kwargs: dict[str, Any]) -> None:
     with pytest.raises(ConfigError):
         EmulatorConfig(**kwargs)
+
+
+def test_config_defaults_and_immutability() -> None:
+    config = EmulatorConfig(fail_statuses={507: 0.1, 402: 0.2})
+    assert list(config.fail_statuses) == [402, 507]  # sorted, so draws are reproducible
+    with pytest.raises(TypeError):
+        config.fail_statuses[500] = 0.1  # type: ignore[index]
+    defaults = EmulatorConfig()
+    assert defaults.multi_label_compare == "ge" and not defaults.allow_http_image_urls
+    assert defaults.fail_statuses == {}
+    hash(defaults)  # still usable as a key
 
 
 def test_config_from_args() -> None:
@@ -739,6 +1399,8 @@ def test_config_from_args() -> None:
             "--models",
             "m/1,m/2",
             "--multi-label",
+            "--multi-label-compare",
+            "gt",
             "--api-key",
             "k",
             "--latency-ms",
@@ -749,6 +1411,9 @@ def test_config_from_args() -> None:
             "20",
             "--fail-rate",
             "0.1",
+            "--fail-status",
+            "402:0.01, 423:0.02,507:0.03",
+            "--allow-http-urls",
             "--seed",
             "7",
             "--port",
@@ -759,9 +1424,14 @@ def test_config_from_args() -> None:
     assert config.classes == ("a", "b", "c")
     assert config.models == frozenset({"m/1", "m/2"})
     assert config.multi_label and config.api_key == "k" and config.seed == 7
+    assert config.multi_label_compare == "gt"
     assert (config.latency_ms, config.latency_p99_ms) == (180, 5600)
     assert config.rate_limit == 20 and config.burst == 20 and config.fail_rate == 0.1
+    assert dict(config.fail_statuses) == {402: 0.01, 423: 0.02, 507: 0.03}
+    assert config.allow_http_image_urls
     assert args.port == 0 and args.host == "127.0.0.1"
+    defaults = config_from_args(cli.build_parser().parse_args(["emulate"]))
+    assert defaults == EmulatorConfig()
     assert cli.build_parser().parse_args(["emulate"]).port == 9001
 
 
@@ -773,6 +1443,12 @@ def test_config_from_args() -> None:
         (["--latency-ms", "100", "--latency-p99-ms", "50"], "latency_p99_ms"),
         (["--fail-rate", "0.7", "--hang-rate", "0.7"], "<= 1"),
         (["--rate-limit-burst", "5"], "needs --rate-limit"),
+        (["--fail-status", "200:0.1"], "4xx/5xx"),
+        (["--fail-status", "402"], "STATUS:PROBABILITY"),
+        (["--fail-status", "402:2"], "probability"),
+        (["--fail-status", "402:0.1,402:0.2"], "twice"),
+        (["--fail-status", "402:0.6", "--fail-rate", "0.6"], "<= 1"),
+        (["--multi-label-compare", "lt"], "invalid choice"),
     ],
 )
 def test_cli_rejects_bad_options(
@@ -790,11 +1466,15 @@ def test_config_from_plain_namespace_raises_config_error() -> None:
     assert config_from_args(argparse.Namespace()) == EmulatorConfig()
 
 
-def test_help_has_an_example(capsys: pytest.CaptureFixture[str]) -> None:
+def test_help_has_examples_and_every_new_option(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         cli.main(["emulate", "--help"])
     out = capsys.readouterr().out
     assert "curl" in out and "--latency-p99-ms" in out and "--garbage-rate" in out
+    for option in ("--allow-http-urls", "--fail-status", "--multi-label-compare"):
+        assert option in out
+    for route in ("/infer/classification", "/model/registry", "multipart/form-data", "Bearer"):
+        assert route in out
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
@@ -850,55 +1530,6 @@ async def test_cli_reports_a_busy_port(emulator_url: str) -> None:
     out, err = await asyncio.wait_for(proc.communicate(), 10)
     assert proc.returncode == 1
     assert b"cannot listen" in err and out == b""
-
-
-# ---------------------------------------------------------------------------------------------
-# the official client
-
-
-async def test_official_roboflow_client_works_unchanged(
-    emulator_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    classification = pytest.importorskip("roboflow.models.classification")
-    path = tmp_path / "x.jpg"
-    path.write_bytes(image_bytes(seed=4, size=(70, 50)))
-    model = classification.ClassificationModel(
-        api_key="any-key", id="my-workspace/my-project/3", local=f"{emulator_url}/"
-    )
-    # roboflow is synchronous (requests): run it in a thread while the emulator serves here
-    result = await asyncio.to_thread(lambda: model.predict(str(path)).json())
-    (answer,) = result["predictions"]
-    assert list(answer)[: len(SINGLE_KEYS)] == SINGLE_KEYS
-    assert answer["image_path"] == str(path) and answer["prediction_type"] == "ClassificationModel"
-    # the client re-encodes the file as JPEG quality 90 before sending
-    with Image.open(path) as image:
-        out = io.BytesIO()
-        image.convert("RGB").save(out, quality=90, format="JPEG")
-    expected = predict(out.getvalue())
-    assert {k: answer[k] for k in ("image", "predictions", "top", "confidence")} == {
-        k: expected[k] for k in ("image", "predictions", "top", "confidence")
-    }
-    stats = await emulator_stats(emulator_url)
-    assert stats["ok_requests"] == 1
-    capsys.readouterr()  # the client prints a banner for local=
-
-
-async def test_official_roboflow_client_hosted_image(
-    emulator_url: str,
-    serve_bytes: Callable[[dict[str, bytes | int]], Awaitable[str]],
-    capsys: pytest.CaptureFixture[str],
-) -> None:
-    classification = pytest.importorskip("roboflow.models.classification")
-    data = image_bytes(seed=12)
-    files = await serve_bytes({"/cat.jpg": data})
-    model = classification.ClassificationModel(
-        api_key="any-key", id="my-workspace/my-project/3", local=f"{emulator_url}/"
-    )
-    # hosted=True sends ?image=URL with no body and no Content-Type
-    result = await asyncio.to_thread(lambda: model.predict(f"{files}/cat.jpg", hosted=True).json())
-    (answer,) = result["predictions"]
-    assert answer["predictions"] == predict(data)["predictions"]
-    capsys.readouterr()
 
 
 def test_emulator_in_thread_serves_synchronous_callers() -> None:

@@ -150,7 +150,7 @@ async def test_mixed_sources_in_one_run(
 async def test_url_by_reference_and_fetched(
     tmp_path: Path, start_emulator: StartEmulator, serve_bytes: ServeBytes
 ) -> None:
-    url = await start_emulator()
+    url = await start_emulator(allow_http_image_urls=True)  # by reference from 127.0.0.1
     data = image_bytes(seed=11)
     web = await serve_bytes({"/a.jpg": data})
     for mode in ("reference", "fetch", "auto"):
