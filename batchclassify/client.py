@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import re
 import socket
 import zlib
@@ -19,6 +20,13 @@ from typing import Any, NoReturn
 import aiohttp
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
 
+from batchclassify.endpoints import (
+    SERVERLESS,
+    KeyTransport,
+    Upload,
+    endpoint_defaults,
+    resolve_endpoint,
+)
 from batchclassify.errors import (
     ConfigError,
     EndpointError,
@@ -54,7 +62,7 @@ __all__ = [
 
 log = logging.getLogger("batchclassify")
 
-DEFAULT_ENDPOINT = "https://classify.roboflow.com"
+DEFAULT_ENDPOINT = SERVERLESS
 #: the server's own thresholds, passed to it by name
 CONFIDENCE_KEYWORDS = ("best", "default")
 #: the lowest ``confidence`` the server honours: asking for it returns the whole distribution
@@ -73,8 +81,15 @@ _STRIKES_BEFORE_GIVING_UP = 3
 _MAX_DOWNLOAD_REDIRECTS = 5
 
 
+def model_workspace(text: str) -> str | None:
+    """``"workspace/project/3"`` -> ``"workspace"`` (``None`` without one)."""
+    parts = text.strip().strip("/").split("/")
+    return parts[0] if len(parts) == 3 and parts[0] else None
+
+
 def parse_model(text: str) -> tuple[str, int]:
-    """``"project/3"`` or ``"workspace/project/3"`` -> ``("project", 3)``."""
+    """``"project/3"`` or ``"workspace/project/3"`` -> ``("project", 3)``, as the ``roboflow``
+    package and ``inference-sdk`` take model ids."""
     match = _MODEL.match(text.strip().strip("/"))
     if not match or int(match.group(2)) < 1:
         raise ConfigError(
@@ -91,7 +106,12 @@ class ClientOptions:
     endpoint: str = DEFAULT_ENDPOINT
     model: str
     version: int
+    #: ``None``: ``ROBOFLOW_API_KEY`` from the environment, like the command line
     api_key: str | None = field(default=None, repr=False)
+    #: how the key is sent and the image uploaded; ``None``: what the host gets by default
+    #: (:mod:`batchclassify.endpoints`)
+    key_transport: KeyTransport | None = None
+    upload: Upload | None = None
     #: threshold on the scores, applied here to the whole distribution the server is asked
     #: for; ``best``/``default`` are passed to the server, which applies them itself
     confidence: float | str | None = None
@@ -102,6 +122,30 @@ class ClientOptions:
     extra_params: Mapping[str, str] = field(default_factory=dict)
     #: answers larger than this (after decompression) fail their item unread
     max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES
+
+    def __post_init__(self) -> None:
+        # Frozen: the defaults that depend on other fields are settled once, here.
+        endpoint = resolve_endpoint(self.endpoint)
+        host = endpoint_defaults(endpoint)
+        object.__setattr__(self, "endpoint", endpoint)
+        transport = self.key_transport or host.key_transport
+        if url_secrets(endpoint):
+            # user:password in the URL is sent as Basic auth: the Authorization header is taken.
+            if transport == "header":
+                raise ConfigError(
+                    "--api-key-transport header cannot be used with credentials in the endpoint "
+                    "URL (they use the Authorization header): use query"
+                )
+            transport = "query"
+        object.__setattr__(self, "key_transport", transport)
+        object.__setattr__(self, "upload", self.upload or host.upload)
+        if self.api_key is None:
+            object.__setattr__(self, "api_key", os.environ.get("ROBOFLOW_API_KEY") or None)
+        if "/" in self.model or not self.model.strip():
+            raise ConfigError(
+                f"model must be the project id alone (version apart), got {self.model!r}: "
+                "for 'project/3' use parse_model('project/3')"
+            )
 
     @property
     def url(self) -> str:
@@ -128,8 +172,12 @@ class ClassifyClient:
         self._throttle = throttle
         self._session: aiohttp.ClientSession | None = None
         params = {key: str(value) for key, value in options.extra_params.items()}
-        if options.api_key:
+        headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "gzip, deflate"}
+        if options.api_key and options.key_transport in ("query", "both"):
             params["api_key"] = options.api_key
+        if options.api_key and options.key_transport in ("header", "both"):
+            headers["Authorization"] = f"Bearer {options.api_key}"
+        self._headers = headers
         # Ask for every class down to the server's floor; the threshold is applied here, so a
         # row keeps the whole distribution and can be re-thresholded without a new request.
         keyword = isinstance(options.confidence, str)
@@ -155,7 +203,7 @@ class ClassifyClient:
         self._session = aiohttp.ClientSession(
             connector=connector,
             timeout=timeout,
-            headers={"User-Agent": USER_AGENT, "Accept-Encoding": "gzip, deflate"},
+            headers=self._headers,
             auto_decompress=False,
         )
         return self
@@ -215,9 +263,10 @@ class ClassifyClient:
     async def classify(
         self, *, data: bytes | None = None, image_url: str | None = None
     ) -> Response:
-        """Classify one image: ``data`` is the base64 text to send inline, or ``image_url`` a URL
-        for the service to fetch. Retries transient failures; raises a
-        :class:`~batchclassify.errors.RequestError` (with ``attempts`` set) when it gives up."""
+        """Classify one image: ``data`` is the upload (base64 text, or the image's raw bytes with
+        ``upload="multipart"``), or ``image_url`` a URL for the service to fetch. Retries
+        transient failures; raises a :class:`~batchclassify.errors.RequestError` (with
+        ``attempts`` set) when it gives up."""
         if (data is None) == (image_url is None):
             raise ValueError("give exactly one of data and image_url")
         retrying = self._retrying()
@@ -264,7 +313,15 @@ class ClassifyClient:
         if session is None:
             raise RuntimeError("ClassifyClient used outside 'async with'")
         params = self._params if image_url is None else {**self._params, "image": image_url}
+        upload: bytes | aiohttp.FormData = data or b""
         headers = {"Content-Type": "application/x-www-form-urlencoded"}
+        if data is not None and self.options.upload == "multipart":
+            # The raw bytes as the "file" part: no base64 on either side, 25 % fewer bytes.
+            upload = aiohttp.FormData()
+            upload.add_field(
+                "file", data, filename="image", content_type="application/octet-stream"
+            )
+            headers = {}
         self.requests_sent += 1
         limit = self.options.max_response_bytes
         try:
@@ -272,7 +329,7 @@ class ClassifyClient:
             async with session.post(
                 self.options.url,
                 params=params,
-                data=data or b"",
+                data=upload,
                 headers=headers,
                 allow_redirects=False,
             ) as response:
@@ -302,6 +359,11 @@ class ClassifyClient:
             message = self.redact(f"HTTP {status} redirect to {where}")
             raise FatalApiError(message, http_status=status)
         message = self.redact(_error_message(status, body))
+        if status == 413:
+            message += (
+                "; the server found the upload too large: use --max-size (e.g. --max-size 1024) "
+                "to downscale before upload"
+            )
         raise error_for_status(status, message, retry_after=retry_after)
 
     async def fetch(self, url: str, *, max_bytes: int) -> tuple[bytes, int]:

@@ -34,7 +34,15 @@ from batchclassify.client import (
     DEFAULT_ENDPOINT,
     DEFAULT_MAX_RESPONSE_BYTES,
     ClientOptions,
+    model_workspace,
     parse_model,
+)
+from batchclassify.endpoints import (
+    NAMED_ENDPOINTS,
+    default_endpoint,
+    endpoint_defaults,
+    resolve_endpoint,
+    saved_api_key,
 )
 from batchclassify.errors import ConfigError
 from batchclassify.organize import OrganizeOptions, Organizer, OrganizeSink
@@ -66,7 +74,13 @@ class RunSettings:
     #: inputs, when none are given on the command line
     sources: tuple[str, ...] = ()
     model: str | None = None
+    #: a URL or a short name (serverless, eu, legacy, local); by default the hosted API of
+    #: the user's region
     endpoint: str = DEFAULT_ENDPOINT
+    #: how the key is sent: header (Bearer), query (?api_key=) or both; by default per host
+    api_key_transport: str | None = None
+    #: base64 text or a multipart file part; by default per host
+    upload: str | None = None
     api_key: str | None = field(default=None, repr=False)
     #: a file holding the key (``-``: standard input), so it is not on the command line
     api_key_file: str | None = None
@@ -155,11 +169,21 @@ class RunSettings:
         )
         if self.shard is not None:
             parse_shard(self.shard)
+        object.__setattr__(self, "endpoint", resolve_endpoint(self.endpoint))
+        _check(
+            self.api_key_transport in (None, "header", "query", "both"),
+            "api_key_transport",
+            "must be header, query or both",
+        )
+        _check(
+            self.upload in (None, "base64", "multipart"), "upload", "must be base64 or multipart"
+        )
         endpoint = urlsplit(self.endpoint)
         _check(
             endpoint.scheme in ("http", "https") and bool(endpoint.hostname),
             "endpoint",
-            f"must be an http(s) URL such as {DEFAULT_ENDPOINT}, got {self.endpoint!r}",
+            f"must be an http(s) URL such as {DEFAULT_ENDPOINT} or one of "
+            f"{', '.join(NAMED_ENDPOINTS)}, got {self.endpoint!r}",
         )
 
     @classmethod
@@ -177,11 +201,16 @@ class RunSettings:
         api_key = self.api_key or (EMULATOR_KEY if self.emulate else None)
         if not api_key:
             raise ConfigError(
-                "no API key: set ROBOFLOW_API_KEY or pass --api-key (or use --emulate for a dry "
-                "run against the built-in emulator)"
+                "no API key: set ROBOFLOW_API_KEY, pass --api-key-file, or log in with the "
+                "roboflow package ('roboflow login'); or use --emulate for a dry run against the "
+                "built-in emulator"
             )
+        host = endpoint_defaults(self.endpoint)
+        upload = self.upload or host.upload
         client = ClientOptions(
             endpoint=self.endpoint,
+            key_transport=self.api_key_transport or host.key_transport,  # type: ignore[arg-type]
+            upload=upload,  # type: ignore[arg-type]
             model=project,
             version=version,
             api_key=api_key,
@@ -199,7 +228,11 @@ class RunSettings:
                 column=self.column,
                 keep_columns=self.keep_columns,
             ),
-            prepare=PrepareOptions(max_size=self.max_size, jpeg_quality=self.jpeg_quality),
+            prepare=PrepareOptions(
+                max_size=self.max_size,
+                jpeg_quality=self.jpeg_quality,
+                max_upload_bytes=host.upload_limit,
+            ),
             throttle=ThrottleOptions(
                 rate=self.rate, adaptive=self.adaptive, max_outage=self.max_outage
             ),
@@ -341,6 +374,14 @@ def resolve_settings(
         _read_key_file(values, origins, warnings, stdin=stdin)
     if values.get("emulate") and "endpoint" in origins:
         _settle_emulate_and_endpoint(values, origins)
+    if "endpoint" not in values:
+        values["endpoint"] = default_endpoint(environ)
+        if values["endpoint"] != DEFAULT_ENDPOINT:
+            origins["endpoint"] = "default for ROBOFLOW_REGION=eu"
+    if not values.get("api_key") and not values.get("emulate"):
+        saved = saved_api_key(environ, model_workspace(values.get("model") or ""))
+        if saved is not None:
+            values["api_key"], origins["api_key"] = saved
     return ResolvedSettings(RunSettings(**values), origins, tuple(warnings))
 
 

@@ -81,6 +81,10 @@ class Result:
     duplicate_of: str | None = None
     #: the absolute path of the file classified (``None`` for URLs)
     path: str | None = None
+    #: the size of what was uploaded, when it differs from the original's (``--max-size``)
+    sent: dict[str, int] | None = None
+    #: the model answered in the multi-label shape (several classes may be predicted)
+    multi_label: bool = False
     #: the input list's columns kept with ``--keep-columns``
     columns: dict[str, Any] | None = None
     #: the input's state key and the hash of the bytes sent: bookkeeping, not written out
@@ -114,6 +118,10 @@ class Result:
             "latency_ms": self.latency_ms,
             "duplicate_of": None if self.duplicate_of is None else valid_unicode(self.duplicate_of),
         }
+        if self.sent is not None:
+            record["sent"] = self.sent
+        if self.multi_label:
+            record["multi_label"] = True
         if self.columns is not None:
             record["columns"] = self.columns
         raw = raw_name(self.source)
@@ -143,6 +151,8 @@ class Result:
             latency_ms=record.get("latency_ms"),
             duplicate_of=record.get("duplicate_of"),
             path=record.get("path"),
+            sent=record.get("sent"),
+            multi_label=bool(record.get("multi_label")),
             columns=record.get("columns"),
         )
 

@@ -44,7 +44,13 @@ from batchclassify.errors import (
     RunAborted,
 )
 from batchclassify.model import ErrorInfo, Item, Result
-from batchclassify.prepare import PrepareOptions, default_workers, prepare_bytes, prepare_file
+from batchclassify.prepare import (
+    PreparedImage,
+    PrepareOptions,
+    default_workers,
+    prepare_bytes,
+    prepare_file,
+)
 from batchclassify.response import result_from_answer
 from batchclassify.sources import SourceOptions, iter_items
 from batchclassify.state import StateStore
@@ -56,6 +62,8 @@ log = logging.getLogger("batchclassify")
 
 UrlMode = Literal["auto", "reference", "fetch"]
 _T = TypeVar("_T")
+#: largest image downloaded when no upload limit bounds it (``--max-size`` shrinks it after)
+_DOWNLOAD_LIMIT = 512 * 1024 * 1024
 #: items pulled from the (synchronous) sources per hop to the producer thread
 _CHUNK = 256
 _END = None
@@ -83,6 +91,13 @@ class PipelineOptions:
     prepare_workers: int | None = None
     #: classify identical image bytes once, reusing the answer for the copies
     dedup: bool = True
+
+    def __post_init__(self) -> None:
+        # How images are encoded follows how the client uploads them: one setting, not two.
+        base64_upload = self.client.upload == "base64"
+        if self.prepare.base64_upload != base64_upload:
+            prepare = dataclasses.replace(self.prepare, base64_upload=base64_upload)
+            object.__setattr__(self, "prepare", prepare)
 
     @property
     def concurrency(self) -> int:
@@ -356,7 +371,10 @@ class Pipeline:
                 attempts=attempts,
                 latency_ms=latency,
             )
-            return dataclasses.replace(result, content_hash=payload.digest)
+            # The original's size (what the server saw may be a shrunk copy: that is "sent").
+            return dataclasses.replace(
+                result, content_hash=payload.digest, image=payload.original, sent=payload.sent
+            )
         except RequestError as exc:
             exc.attempts += payload.attempts  # the row counts the downloads too
             raise
@@ -377,7 +395,9 @@ class Pipeline:
         assert client is not None
         prepare = self.options.prepare
         # Fetch generously: with --max-size a large original is shrunk before upload.
-        limit = prepare.max_upload_bytes if prepare.max_size is None else 512 * 1024 * 1024
+        limit = prepare.max_upload_bytes
+        if limit is None or prepare.max_size is not None:
+            limit = _DOWNLOAD_LIMIT
         try:
             raw, downloads = await client.fetch(url, max_bytes=limit)
         except RequestError as exc:
@@ -390,24 +410,35 @@ class Pipeline:
 
 @dataclass(frozen=True, slots=True)
 class _Payload:
-    """A prepared upload: the base64 body, the hash of the bytes it encodes, and the HTTP
-    attempts it took to get them (downloads)."""
+    """A prepared upload: the body as sent (base64 text, or the bytes themselves for a
+    multipart upload), the hash of the image bytes, the original's size and the size sent when
+    it was shrunk, and the HTTP attempts it took to get the bytes (downloads)."""
 
     body: bytes
     digest: str
+    original: dict[str, int]
+    sent: dict[str, int] | None = None
     attempts: int = 0
 
     @classmethod
-    def of(cls, data: bytes) -> _Payload:
-        return cls(base64.b64encode(data), hashlib.sha256(data).hexdigest())
+    def of(cls, image: PreparedImage, options: PrepareOptions) -> _Payload:
+        data = image.data
+        original = {"width": image.original_width, "height": image.original_height}
+        sent = {"width": image.width, "height": image.height}
+        return cls(
+            base64.b64encode(data) if options.base64_upload else data,
+            hashlib.sha256(data).hexdigest(),
+            original,
+            None if sent == original else sent,
+        )
 
 
 def _file_payload(path: Path, options: PrepareOptions) -> _Payload:
-    return _Payload.of(prepare_file(path, options).data)
+    return _Payload.of(prepare_file(path, options), options)
 
 
 def _bytes_payload(data: bytes, name: str, options: PrepareOptions) -> _Payload:
-    return _Payload.of(prepare_bytes(data, options, name=name).data)
+    return _Payload.of(prepare_bytes(data, options, name=name), options)
 
 
 def _error_result(item: Item, error: ErrorInfo, *, attempts: int) -> Result:

@@ -138,14 +138,17 @@ class PrepareOptions:
     """How inputs are turned into uploads.
 
     ``max_size``: downscale so the longer side is at most this many pixels (``None``: never
-    resize). ``max_upload_bytes``: limit on the base64 body. ``max_pixels``: decompression-bomb
+    resize). ``max_upload_bytes``: the endpoint's documented limit on the request body
+    (``None``: none documented, the server's 413 decides), counted on the base64 text when
+    ``base64_upload`` (4/3 of the bytes), else on the bytes. ``max_pixels``: decompression-bomb
     guard (``None``: Pillow's ``Image.MAX_IMAGE_PIXELS``; Pillow itself still refuses images over
     twice its own limit).
     """
 
     max_size: int | None = None
     jpeg_quality: int = 90
-    max_upload_bytes: int = 20 * _MB
+    max_upload_bytes: int | None = 20 * _MB
+    base64_upload: bool = True
     max_pixels: int | None = None
 
     def __post_init__(self) -> None:
@@ -153,7 +156,7 @@ class PrepareOptions:
             raise ConfigError(f"max_size must be a positive number of pixels, not {self.max_size}")
         if not 1 <= self.jpeg_quality <= 100:
             raise ConfigError(f"jpeg_quality must be between 1 and 100, not {self.jpeg_quality}")
-        if self.max_upload_bytes < 1:
+        if self.max_upload_bytes is not None and self.max_upload_bytes < 1:
             raise ConfigError(f"max_upload_bytes must be positive, not {self.max_upload_bytes}")
         if self.max_pixels is not None and self.max_pixels < 1:
             raise ConfigError(f"max_pixels must be positive, not {self.max_pixels}")
@@ -161,7 +164,8 @@ class PrepareOptions:
 
 @dataclass(frozen=True, slots=True)
 class PreparedImage:
-    """The bytes to upload (not yet base64) and what they are."""
+    """The bytes to upload (not yet base64) and what they are: ``width``/``height`` of what
+    is sent, ``original_width``/``original_height`` of the upright original."""
 
     data: bytes
     width: int
@@ -169,6 +173,8 @@ class PreparedImage:
     format: str
     original_bytes: int
     converted: bool
+    original_width: int = 0
+    original_height: int = 0
 
 
 def default_workers() -> int:
@@ -222,6 +228,8 @@ def prepare_bytes(data: bytes, options: PrepareOptions, *, name: str) -> Prepare
                     format="JPEG" if image.format == "MPO" else str(image.format),
                     original_bytes=len(data),
                     converted=False,
+                    original_width=image.width,
+                    original_height=image.height,
                 )
             return _convert(image, options, name, len(data))
 
@@ -558,7 +566,7 @@ def _can_pass_through(
         or (options.max_size is not None and max(image.size) > options.max_size)
     ):
         return False
-    if _base64_size(len(data)) <= options.max_upload_bytes:
+    if _fits(len(data), options):
         return True
     if options.max_size is None:
         raise _too_large(name, len(data), options)
@@ -589,7 +597,8 @@ def _convert(
 ) -> PreparedImage:
     """Decode the first frame, downscale, orient, flatten, and encode as an RGB JPEG."""
     # The target in *stored* orientation: the scale factor is the same after a 90° turn.
-    target = _fit(image.size, options.max_size)
+    stored = image.size  # before draft() changes it
+    target = _fit(stored, options.max_size)
     try:
         if target != image.size:
             image.draft("RGB", target)  # JPEG only: decode at 1/2, 1/4 or 1/8, still >= target
@@ -611,8 +620,9 @@ def _convert(
     except Exception as exc:  # a per-item failure must never take the run down
         raise _decode_error(name, image.format, exc) from None
     encoded = out.getvalue()
-    if _base64_size(len(encoded)) > options.max_upload_bytes:
+    if not _fits(len(encoded), options):
         raise _too_large(name, len(encoded), options, reencoded=True)
+    turned = orientation in (5, 6, 7, 8)  # a quarter turn swaps the sides
     return PreparedImage(
         data=encoded,
         width=frame.width,
@@ -620,6 +630,8 @@ def _convert(
         format="JPEG",
         original_bytes=original_bytes,
         converted=True,
+        original_width=stored[1] if turned else stored[0],
+        original_height=stored[0] if turned else stored[1],
     )
 
 
@@ -674,6 +686,13 @@ def _base64_size(n: int) -> int:
     return 4 * ((n + 2) // 3)
 
 
+def _fits(n: int, options: PrepareOptions) -> bool:
+    """Whether ``n`` bytes of image fit the upload limit, in the form they are sent."""
+    limit = options.max_upload_bytes
+    sent = _base64_size(n) if options.base64_upload else n
+    return limit is None or sent <= limit
+
+
 def _too_large(
     name: str, size: int, options: PrepareOptions, *, reencoded: bool = False
 ) -> InputError:
@@ -683,9 +702,11 @@ def _too_large(
         if options.max_size is None
         else "use a smaller --max-size"
     )
+    as_sent = f" ({_human(_base64_size(size))} as base64)" if options.base64_upload else ""
+    limit = options.max_upload_bytes or 0
     return InputError(
-        f"{name}: {what} {_human(size)} ({_human(_base64_size(size))} as base64), over the "
-        f"{_human(options.max_upload_bytes)} upload limit; {hint}",
+        f"{name}: {what} {_human(size)}{as_sent}, over the endpoint's {_human(limit)} upload "
+        f"limit; {hint}",
         kind="too_large",
     )
 

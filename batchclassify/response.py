@@ -24,7 +24,7 @@ from typing import Any, NoReturn
 from batchclassify.errors import MalformedResponseError
 from batchclassify.model import Result
 
-__all__ = ["Answer", "parse_answer", "result_from_answer", "snippet"]
+__all__ = ["Answer", "over_threshold", "parse_answer", "result_from_answer", "snippet"]
 
 #: the threshold the server applies when none is given
 DEFAULT_THRESHOLD = 0.4
@@ -56,12 +56,25 @@ class Answer:
         and ``predictions`` every score the server sent."""
         if isinstance(threshold, str):
             return self
-        floor = DEFAULT_THRESHOLD if threshold is None else threshold
-        if self.multi_label:
-            predicted = tuple(name for name, score in self.predictions.items() if score >= floor)
-        else:
-            predicted = (self.top,) if self.top and self.confidence >= floor else ()
+        predicted = over_threshold(
+            self.predictions, self.top, self.confidence, self.multi_label, threshold
+        )
         return dataclasses.replace(self, predicted_classes=predicted)
+
+
+def over_threshold(
+    predictions: dict[str, float],
+    top: str,
+    confidence: float,
+    multi_label: bool,
+    threshold: float | None,
+) -> tuple[str, ...]:
+    """The predicted classes at ``threshold`` (``None``: the server's default, 0.4): every
+    class scoring at least it for a multi-label model, the best one if it does otherwise."""
+    floor = DEFAULT_THRESHOLD if threshold is None else threshold
+    if multi_label:
+        return tuple(name for name, score in predictions.items() if score >= floor)
+    return (top,) if top and confidence >= floor else ()
 
 
 def parse_answer(body: bytes) -> Answer:
@@ -125,6 +138,7 @@ def result_from_answer(
         time=answer.time,
         attempts=attempts,
         latency_ms=round(latency_ms, 2),
+        multi_label=answer.multi_label,
     )
 
 

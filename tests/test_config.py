@@ -166,7 +166,9 @@ async def test_every_example_config_runs_against_the_emulator(
     if not settings.emulate:
         assert (await emulator_stats(url))["requests"] == 4
     if settings.max_size:
-        assert all(max(r["image"].values()) == settings.max_size for r in records)
+        # The row says the original's size, and what was sent after --max-size.
+        assert all(r["image"] == {"width": 900, "height": 700} for r in records)
+        assert all(max(r["sent"].values()) == settings.max_size for r in records)
     if settings.organize:
         placed = list((tmp_path / settings.organize).rglob("*.jpg"))
         assert len(placed) == 4
