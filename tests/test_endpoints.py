@@ -239,3 +239,24 @@ async def test_the_row_records_the_original_size_and_what_was_sent(
     assert rows["wide.jpg"]["sent"] == {"width": 200, "height": 50}
     assert rows["small.jpg"]["image"] == {"width": 40, "height": 30}
     assert "sent" not in rows["small.jpg"]  # sent as it is
+
+
+def test_confidence_is_a_probability_or_a_server_keyword() -> None:
+    assert resolve_settings({"confidence": 0.5}, {}).settings.confidence == 0.5
+    assert resolve_settings({}, {"BATCHCLASSIFY_CONFIDENCE": "best"}).settings.confidence == "best"
+    assert resolve_settings({}, {"BATCHCLASSIFY_CONFIDENCE": "0.25"}).settings.confidence == 0.25
+    for wrong in (1.5, -0.1, "sometimes"):
+        with pytest.raises(ConfigError, match="must be a probability between 0 and 1"):
+            resolve_settings({"confidence": wrong}, {})
+
+
+async def test_confidence_mistakes_on_the_command_line(tmp_path: Path) -> None:
+    make_image(tmp_path / "a.jpg", seed=1)
+    base = ["run", str(tmp_path / "a.jpg"), "--model", "demo/1", "--emulate", "--out", "-"]
+    code, _, err = await run_cli(*base, "--confidence", "1.5")
+    assert code == 2 and "must be a probability between 0 and 1" in err  # not 1.5 %
+    code, _, err = await run_cli(*base, "--confidence", "often")
+    assert code == 2 and "is not a probability" in err
+    code, out, err = await run_cli(*base, "--confidence", "default")
+    assert code == 0, err
+    assert json.loads(out)["status"] == "ok"
