@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from batchclassify import __version__, emulator, report, verify
+from batchclassify import __version__, emulator, evaluate, report, verify
 from batchclassify.client import CONFIDENCE_KEYWORDS
 from batchclassify.config import ResolvedSettings, RunSettings, format_settings, resolve_settings
 from batchclassify.errors import ConfigError, RunAborted, redact, url_secrets
@@ -215,8 +215,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="write a self-contained HTML report of a results file (.jsonl, .csv or .parquet)",
         description="Summarise a results file as one self-contained HTML page: the run's "
         "settings, totals, class distribution, confidence histogram, the least confident "
-        "images, errors and latency. Exit 2 when the file is not results at all.",
-        epilog="example:\n  batchclassify report results.jsonl -o report.html --summary s.json",
+        "images, errors and latency; with --labels (JSONL results) or --eval, an evaluation "
+        "against ground truth: accuracy, per-class metrics, confusion matrix and likely label "
+        "errors. Exit 2 when the file is not results at all.",
+        epilog="examples:\n  batchclassify report results.jsonl -o report.html --summary s.json"
+        "\n  batchclassify report results.jsonl --labels parent"
+        "\n  batchclassify report results.csv --eval e.json   (written by batchclassify eval)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     report_parser.add_argument(
@@ -253,6 +257,105 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PX",
         help="thumbnail size in pixels (default %(default)s)",
     )
+    truth = report_parser.add_mutually_exclusive_group()
+    truth.add_argument(
+        "--labels",
+        metavar="SOURCE",
+        help="evaluate against ground truth, as batchclassify eval does (JSONL results only): "
+        "'parent', 'column:NAME', or a label file FILE.csv / FILE.jsonl",
+    )
+    truth.add_argument(
+        "--eval",
+        metavar="E.json",
+        help="show the evaluation that 'batchclassify eval --eval E.json' wrote",
+    )
+    report_parser.add_argument(
+        "--column-label",
+        metavar="NAME",
+        help="with --labels FILE: its label column (default: label, else class)",
+    )
+    report_parser.add_argument(
+        "--label-error-threshold",
+        type=float,
+        metavar="X",
+        help="with --labels: a likely label error is a row whose top differs from its label "
+        "with at least this confidence (default 0.8)",
+    )
+    report_parser.add_argument(
+        "--label-errors",
+        type=int,
+        default=24,
+        metavar="N",
+        help="likely label errors to show as thumbnails (default %(default)s; 0: none)",
+    )
+
+    export_parser = commands.add_parser(
+        "export",
+        help="export results for labeling (Label Studio tasks) or as a Hugging Face imagefolder",
+        description="Turn JSONL results into Label Studio import tasks with pre-annotations "
+        "(FILE.json, plus its labeling config FILE.label_config.xml), or into a Hugging Face "
+        "imagefolder dataset (DIR/<label>/<file> hard links or copies, DIR/metadata.jsonl). "
+        "With --review-below, rows under that confidence (or without a predicted class) go to "
+        "review: only they become Label Studio tasks; imagefolder marks them review=true. "
+        "Failed rows are never exported; missing files are skipped; both are counted. Exit 2 "
+        "when the results are not JSONL or an output exists (without --overwrite).",
+        epilog="examples:\n"
+        "  batchclassify export results.jsonl --to label-studio tasks.json --review-below 0.8 \\\n"
+        "      --document-root /data/photos\n"
+        "  batchclassify export results.jsonl --to imagefolder dataset/",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    export_parser.add_argument(
+        "results", metavar="RESULTS.jsonl", help="results written by run --out"
+    )
+    export_parser.add_argument(
+        "--to",
+        nargs=2,
+        required=True,
+        metavar=("FORMAT", "DEST"),
+        help="label-studio FILE.json, or imagefolder DIR",
+    )
+    export_parser.add_argument(
+        "--review-below",
+        type=float,
+        metavar="X",
+        help="send rows with confidence under X (0-1) to review; the rest are accepted "
+        "(default: only rows without a predicted class go to review, and every row becomes a "
+        "Label Studio task)",
+    )
+    export_parser.add_argument(
+        "--from-name",
+        metavar="NAME",
+        help="label-studio: the name of the <Choices> tag (default choice)",
+    )
+    export_parser.add_argument(
+        "--to-name",
+        metavar="NAME",
+        help="label-studio: the name of the <Image> tag (default image)",
+    )
+    export_parser.add_argument(
+        "--export-url-prefix",
+        metavar="PREFIX",
+        help="label-studio: a local file's image URL is PREFIX + its percent-encoded path "
+        "relative to --document-root (default /data/local-files/?d=, Label Studio's local files "
+        "storage)",
+    )
+    export_parser.add_argument(
+        "--document-root",
+        metavar="DIR",
+        help="label-studio: local paths are made relative to DIR, Label Studio's "
+        "LOCAL_FILES_DOCUMENT_ROOT (default /); files outside it are skipped",
+    )
+    export_parser.add_argument(
+        "--model-version",
+        metavar="NAME",
+        help="label-studio: the predictions' model_version (default batchclassify)",
+    )
+    export_parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace existing tasks/config files, or add to an existing non-empty DIR",
+    )
 
     rethreshold_parser = commands.add_parser(
         "rethreshold",
@@ -275,6 +378,50 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rethreshold_parser.add_argument(
         "--overwrite", action="store_true", help="replace existing outputs"
+    )
+
+    eval_parser = commands.add_parser(
+        "eval",
+        help="score finished results against ground-truth labels (accuracy, confusion, ...)",
+        description="Score JSONL results against labels, without a request: accuracy, top-1/3/5 "
+        "accuracy, per-class precision/recall/F1, macro and weighted averages, the confusion "
+        "matrix, labels the model never predicts, and likely label errors (a confident top "
+        "that differs from the label). A summary goes to stderr; --eval writes the JSON. "
+        "Failed and unlabeled rows are counted, not scored. Exit 2 when an input is unusable.",
+        epilog="examples:\n  batchclassify eval results.jsonl --labels parent --eval eval.json\n"
+        "  batchclassify eval results.jsonl --labels labels.csv --column-label species\n"
+        "  batchclassify eval results.jsonl --labels column:label",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    eval_parser.add_argument(
+        "results", metavar="RESULTS.jsonl", help="results written by run --out"
+    )
+    eval_parser.add_argument(
+        "--labels",
+        required=True,
+        metavar="SOURCE",
+        help="the ground truth: 'parent' (the folder holding each file), 'column:NAME' (a list "
+        "column kept with --keep-columns), or a label file FILE.csv / FILE.jsonl with a "
+        "path/source/image/url/file_name column and a label/class column",
+    )
+    eval_parser.add_argument(
+        "--column-label",
+        metavar="NAME",
+        help="the label column of the label file (default: label, else class)",
+    )
+    eval_parser.add_argument(
+        "--label-error-threshold",
+        type=float,
+        default=0.8,
+        metavar="X",
+        help="report a row as a likely label error when its top differs from its label with "
+        "at least this confidence (default %(default)s)",
+    )
+    eval_parser.add_argument(
+        "--eval", metavar="OUT.json", help="write the metrics as JSON (- for stdout)"
+    )
+    eval_parser.add_argument(
+        "--overwrite", action="store_true", help="replace an existing --eval file"
     )
 
     emulate = commands.add_parser(
@@ -383,6 +530,27 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
         "--column",
         help="column/field holding the path or URL in .csv/.jsonl "
         "lists (default: the first of url, path, image)",
+    )
+    truth = parser.add_argument_group("evaluation against known labels")
+    truth.add_argument(
+        "--labels",
+        metavar="SPEC",
+        help="ground truth: 'parent' (the folder of each image, the folder-per-class layout), "
+        "'column:NAME' (a list column kept with --keep-columns) or a CSV/JSONL label file; "
+        "every row gains label and correct",
+    )
+    truth.add_argument(
+        "--eval",
+        metavar="FILE.json",
+        help="with --labels: at the end, write accuracy, top-k, per-class metrics, the "
+        "confusion matrix and likely label errors here (needs a .jsonl --out) and print a summary",
+    )
+    truth.add_argument(
+        "--label-error-threshold",
+        type=float,
+        metavar="X",
+        help="a row is a likely label error when its top differs from its label with at least "
+        "this confidence (default 0.8)",
     )
     io_group.add_argument(
         "--keep-columns",
@@ -629,8 +797,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return emulator.serve_from_args(args)
     if args.command == "report":
         return _report_command(args)
+    if args.command == "export":
+        return _export_command(args)
     if args.command == "rethreshold":
         return _rethreshold_command(args)
+    if args.command == "eval":
+        return _eval_command(args)
     try:
         resolved = settings_from_args(args, os.environ)
         settings = resolved.settings
@@ -689,6 +861,7 @@ async def _run_job(sources: list[str], settings: RunSettings, *, scan: bool) -> 
     interrupts = _Interrupts(settings.shutdown_grace)
     interrupts.install()
     sinks = settings.extra_sinks()
+    evaluated = _evaluated_output(settings, outputs)
     while True:
         try:
             stats = await run(
@@ -708,6 +881,8 @@ async def _run_job(sources: list[str], settings: RunSettings, *, scan: bool) -> 
                 _say(exc.stats.format())
             raise
         _say(stats.format())
+        if evaluated is not None:
+            await asyncio.to_thread(_evaluate_run, settings, evaluated)
         if interrupts.received or not scan or settings.interval is None:
             break
         await interrupts.sleep(settings.interval)
@@ -717,6 +892,31 @@ async def _run_job(sources: list[str], settings: RunSettings, *, scan: bool) -> 
         _say(_how_to_continue(state.path is not None, scan=scan, resuming=settings.resume))
         return EXIT_INTERRUPTED
     return EXIT_OK if stats.failed == 0 else EXIT_FAILED_ITEMS
+
+
+def _evaluated_output(settings: RunSettings, outputs: list[str]) -> Path | None:
+    """The JSONL output an evaluation reads (``--eval``): it holds every row, also those of
+    earlier runs of a resumed job."""
+    if settings.eval is None:
+        return None
+    for output in outputs:
+        if output != "-" and Path(output).suffix.lower() in (".jsonl", ".ndjson"):
+            evaluate.check_output(Path(settings.eval), [Path(output)], overwrite=settings.overwrite)
+            return Path(output)
+    raise ConfigError("--eval reads the results back: give a .jsonl --out as well")
+
+
+def _evaluate_run(settings: RunSettings, results: Path) -> None:
+    assert settings.labels is not None and settings.eval is not None
+    evaluation = evaluate.evaluate(
+        results,
+        evaluate.LabelSource.parse(settings.labels),
+        label_error_threshold=settings.label_error_threshold,
+    )
+    evaluate.write_evaluation(evaluation, Path(settings.eval))
+    for line in evaluate.summary_lines(evaluation):
+        _say(line)
+    _say(f"evaluation written to {settings.eval}")
 
 
 def _how_to_continue(has_state: bool, *, scan: bool, resuming: bool) -> str:
@@ -775,6 +975,67 @@ class _Interrupts:
             pipeline.abort()
 
 
+def _export_command(args: argparse.Namespace) -> int:
+    from batchclassify.export import (
+        LabelStudioOptions,
+        export_imagefolder,
+        export_label_studio,
+    )
+
+    target, destination = args.to
+    studio_only = {
+        "--from-name": args.from_name,
+        "--to-name": args.to_name,
+        "--export-url-prefix": args.export_url_prefix,
+        "--document-root": args.document_root,
+        "--model-version": args.model_version,
+    }
+    try:
+        if target == "label-studio":
+            given = {
+                "from_name": args.from_name,
+                "to_name": args.to_name,
+                "url_prefix": args.export_url_prefix,
+                "document_root": None if args.document_root is None else Path(args.document_root),
+                "model_version": args.model_version,
+            }
+            options = LabelStudioOptions(**{k: v for k, v in given.items() if v is not None})
+            counts = export_label_studio(
+                Path(args.results),
+                Path(destination),
+                review_below=args.review_below,
+                options=options,
+                overwrite=args.overwrite,
+            )
+            what = f"{counts.written} Label Studio tasks to {destination}"
+            if args.review_below is not None:
+                what += " (the accepted rows are left out)"
+        elif target == "imagefolder":
+            given_options = [name for name, value in studio_only.items() if value is not None]
+            if given_options:
+                raise ConfigError(f"{', '.join(given_options)}: only for --to label-studio")
+            counts = export_imagefolder(
+                Path(args.results),
+                Path(destination),
+                review_below=args.review_below,
+                overwrite=args.overwrite,
+            )
+            what = f"{counts.written} images to the imagefolder {destination}"
+        else:
+            raise ConfigError(
+                f"--to {target!r}: export to label-studio FILE.json or imagefolder DIR"
+            )
+    except ConfigError as exc:
+        _say(f"error: {exc}")
+        return EXIT_USAGE
+    except OSError as exc:
+        _say(f"error: cannot write {destination}: {exc.strerror or exc}")
+        return EXIT_USAGE
+    _say(f"wrote {what}")
+    _say(counts.describe())
+    return EXIT_OK
+
+
 def _rethreshold_command(args: argparse.Namespace) -> int:
     try:
         written, predicted = asyncio.run(
@@ -789,10 +1050,63 @@ def _rethreshold_command(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _eval_command(args: argparse.Namespace) -> int:
+    from batchclassify.evaluate import (
+        LabelSource,
+        check_output,
+        evaluate,
+        summary_lines,
+        write_evaluation,
+    )
+
+    results = Path(args.results)
+    output = None if args.eval in (None, "-") else Path(args.eval)
+    try:
+        labels = LabelSource.parse(args.labels, label_column=args.column_label)
+        if output is not None:
+            inputs = [results] + ([labels.file] if labels.file is not None else [])
+            check_output(output, inputs, overwrite=args.overwrite)
+        evaluation = evaluate(results, labels, label_error_threshold=args.label_error_threshold)
+        if args.eval is not None:
+            write_evaluation(evaluation, output)
+    except ConfigError as exc:
+        _say(f"error: {exc}")
+        return EXIT_USAGE
+    for line in summary_lines(evaluation):
+        _say(line)
+    if output is not None:
+        _say(f"wrote {output}")
+    return EXIT_OK
+
+
 def _report_command(args: argparse.Namespace) -> int:
     results = Path(args.results)
     output = Path(args.out) if args.out else results.with_suffix(".html")
     try:
+        evaluation = None
+        if args.labels is None and args.eval is None:
+            for given, option in (
+                (args.column_label, "--column-label"),
+                (args.label_error_threshold, "--label-error-threshold"),
+            ):
+                if given is not None:
+                    raise ConfigError(f"{option} goes with --labels")
+        if args.eval is not None:
+            if args.column_label is not None or args.label_error_threshold is not None:
+                raise ConfigError(
+                    "--column-label and --label-error-threshold go with --labels; the --eval "
+                    "file has its own"
+                )
+            evaluation = report.read_evaluation(Path(args.eval))
+        if args.labels is not None:
+            from batchclassify.evaluate import LabelSource
+
+            threshold = args.label_error_threshold
+            evaluation = report.evaluation_from_labels(
+                results,
+                LabelSource.parse(args.labels, label_column=args.column_label),
+                label_error_threshold=0.8 if threshold is None else threshold,
+            )
         written = report.write_report(
             results,
             output,
@@ -801,6 +1115,8 @@ def _report_command(args: argparse.Namespace) -> int:
             state_path=Path(args.state) if args.state else None,
             thumbnails=args.thumbnails,
             thumb_size=args.thumb_size,
+            evaluation=evaluation,
+            label_errors=args.label_errors,
         )
     except ConfigError as exc:
         _say(f"error: {exc}")

@@ -45,6 +45,7 @@ from batchclassify.endpoints import (
     saved_api_key,
 )
 from batchclassify.errors import ConfigError
+from batchclassify.evaluate import LabelSource, labels_for
 from batchclassify.organize import OrganizeOptions, Organizer, OrganizeSink
 from batchclassify.paths import PlannedPath
 from batchclassify.pipeline import PipelineOptions
@@ -97,6 +98,11 @@ class RunSettings:
     column: str | None = None
     #: list columns (CSV) / fields (JSONL) carried into every row
     keep_columns: tuple[str, ...] = ()
+    #: ground truth: parent, column:NAME or a label file; each row gains label and correct
+    labels: str | None = None
+    #: write the evaluation against ``labels`` (JSON) here at the end of the run
+    eval: str | None = None
+    label_error_threshold: float = 0.8
     url_mode: str = "auto"
     timeout: float = 30.0
     connect_timeout: float = 10.0
@@ -136,7 +142,19 @@ class RunSettings:
         _check(self.max_size is None or self.max_size >= 16, "max_size", "must be >= 16 pixels")
         _check(1 <= self.jpeg_quality <= 100, "jpeg_quality", "must be between 1 and 100")
         _check(self.url_mode in ("auto", "reference", "fetch"), "url_mode", "auto|reference|fetch")
-        clash = sorted(set(self.keep_columns) & {*CSV_COLUMNS, "columns", "source_bytes"})
+        _check(self.eval is None or self.labels is not None, "eval", "needs --labels")
+        _check(
+            0.0 <= self.label_error_threshold <= 1.0,
+            "label_error_threshold",
+            "must be between 0 and 1",
+        )
+        if self.labels is not None:
+            LabelSource.parse(self.labels)  # a malformed spec is refused now
+        # With --labels, label and correct are columns of every row too.
+        taken = {*CSV_COLUMNS, "columns", "source_bytes"}
+        if self.labels is not None:
+            taken |= {"label", "correct"}
+        clash = sorted(set(self.keep_columns) & taken)
         _check(
             not clash,
             "keep_columns",
@@ -237,6 +255,8 @@ class RunSettings:
                 rate=self.rate, adaptive=self.adaptive, max_outage=self.max_outage
             ),
             url_mode=self.url_mode,  # type: ignore[arg-type]
+            # A label file is read now: its mistakes come before any request.
+            labeler=labels_for(LabelSource.parse(self.labels)) if self.labels else None,
             queue_size=self.queue_size,
             max_failures=self.max_failures,
             dedup=self.dedup,
@@ -262,9 +282,14 @@ class RunSettings:
 
     def other_paths(self) -> list[PlannedPath]:
         """Paths written besides outputs, state and summary, checked before the run."""
-        if self.organize is None:
-            return []
-        return [PlannedPath(Path(self.organize), f"--organize {self.organize}", folder=True)]
+        planned = []
+        if self.organize is not None:
+            planned.append(
+                PlannedPath(Path(self.organize), f"--organize {self.organize}", folder=True)
+            )
+        if self.eval is not None:
+            planned.append(PlannedPath(Path(self.eval), f"--eval {self.eval}"))
+        return planned
 
     def extra_sinks(self) -> list[Sink]:
         """Sinks that are not files of results (``--organize``)."""

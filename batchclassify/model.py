@@ -85,6 +85,11 @@ class Result:
     sent: dict[str, int] | None = None
     #: the model answered in the multi-label shape (several classes may be predicted)
     multi_label: bool = False
+    #: the ground truth (``--labels``) and whether ``top`` equals it; ``labeled`` says that a
+    #: run had labels, so that every row carries both keys (``null`` where there is none)
+    label: str | None = None
+    correct: bool | None = None
+    labeled: bool = field(default=False, compare=False)
     #: the input list's columns kept with ``--keep-columns``
     columns: dict[str, Any] | None = None
     #: the input's state key and the hash of the bytes sent: bookkeeping, not written out
@@ -122,6 +127,9 @@ class Result:
             record["sent"] = self.sent
         if self.multi_label:
             record["multi_label"] = True
+        if self.labeled:
+            record["label"] = None if self.label is None else valid_unicode(self.label)
+            record["correct"] = self.correct
         if self.columns is not None:
             record["columns"] = self.columns
         raw = raw_name(self.source)
@@ -153,6 +161,9 @@ class Result:
             path=record.get("path"),
             sent=record.get("sent"),
             multi_label=bool(record.get("multi_label")),
+            label=record.get("label"),
+            correct=record.get("correct"),
+            labeled="label" in record,
             columns=record.get("columns"),
         )
 

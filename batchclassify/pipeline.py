@@ -27,7 +27,7 @@ import itertools
 import logging
 import os
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,6 +91,8 @@ class PipelineOptions:
     prepare_workers: int | None = None
     #: classify identical image bytes once, reusing the answer for the copies
     dedup: bool = True
+    #: the ground truth of a result (``--labels``); each row then carries label and correct
+    labeler: Callable[[Result], str | None] | None = None
 
     def __post_init__(self) -> None:
         # How images are encoded follows how the client uploads them: one setting, not two.
@@ -304,7 +306,7 @@ class Pipeline:
             # echoing the request URL, say), no secret gets into an output.
             error = dataclasses.replace(error, message=self._redact(error.message))
         path = None if item.path is None else os.path.abspath(item.path)
-        return dataclasses.replace(
+        row = dataclasses.replace(
             result,
             source=item.source,
             key=item.key,
@@ -312,6 +314,12 @@ class Pipeline:
             path=path,
             columns=item.columns,
         )
+        labeler = self.options.labeler
+        if labeler is None:
+            return row
+        label = labeler(row)
+        correct = None if label is None or not row.ok else row.top == label
+        return dataclasses.replace(row, label=label, correct=correct, labeled=True)
 
     async def _classify_item(self, item: Item, executor: ThreadPoolExecutor) -> Result:
         if item.problem is not None:

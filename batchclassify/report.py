@@ -52,6 +52,38 @@ Values that tests and scripts can read back from the page (element text is the b
                                                                         a duplicate_of another);
                                                                         its <a href="file://…">
                                                                         opens the file
+
+With an evaluation (``report --labels SOURCE``, computed by :func:`batchclassify.evaluate.evaluate`
+from JSONL results only; or ``report --eval E.json``, the JSON ``batchclassify eval`` wrote) the
+page has an Evaluation section. Its numbers are the evaluation JSON's values written exactly as
+that JSON writes them (ratios rounded there to 6 places), "–" for its ``null``::
+
+    id="accuracy"  id="top1-accuracy"  id="top3-accuracy"  id="top5-accuracy"
+    id="macro-f1"  id="weighted-f1"  id="macro-precision"  id="macro-recall"
+    id="weighted-precision"  id="weighted-recall"                       accuracy, top_k_accuracy,
+                                                                        macro_avg, weighted_avg
+    id="labeled"  id="correct"  id="unlabeled"  id="eval-failed"        its counts
+    id="label-error-count"  id="label-error-threshold"
+    id="evaluation-mismatch"                                            only when its ``rows``
+                                                                        differ from the results'
+    <td class="class-metric" data-class="NAME" data-metric="M">V</td>  per_class[NAME][M], M one
+                                                                        of precision, recall, f1,
+                                                                        support, predicted
+    <rect class="confusion-cell" data-label="L" data-predicted="P" data-count="N">
+                                                                        the confusion heatmap (row
+                                                                        L, column P); with more
+                                                                        than CHART_CLASSES classes
+                                                                        the CHART_CLASSES - 1 with
+                                                                        the most rows are drawn and
+                                                                        L or P "" stands for the
+                                                                        others, summed
+                                                                        (id="confusion-folded"
+                                                                        says so)
+    <figure class="label-error" data-source="…" data-label="…" data-top="…" data-confidence="…">
+                                                                        the first ``label_errors``
+                                                                        (24) label_errors, in the
+                                                                        JSON's order, thumbnails
+                                                                        as above
 """
 
 from __future__ import annotations
@@ -82,11 +114,12 @@ from urllib.parse import quote
 from PIL import Image, ImageOps
 
 from batchclassify.errors import ConfigError, redact, without_userinfo
+from batchclassify.evaluate import LabelSource, evaluate
 from batchclassify.model import Result
 from batchclassify.summary import RunStats
 from batchclassify.text import valid_unicode
 
-__all__ = ["build_report", "write_report"]
+__all__ = ["build_report", "evaluation_from_labels", "read_evaluation", "write_report"]
 
 #: bins of the confidence histogram, over [0, 1]
 CONFIDENCE_BINS = 10
@@ -138,17 +171,22 @@ def build_report(
     state_path: Path | None = None,
     thumbnails: int = 24,
     thumb_size: int = 160,
+    evaluation: dict[str, Any] | None = None,
+    label_errors: int = 24,
 ) -> str:
     """Return the HTML report for ``results_path`` (and the run's ``--summary`` JSON, if given).
 
     The run's settings come from ``state_path``, or else from the state beside the results
     (``RESULTS.state``, or that of a sibling output with the same stem); a missing or damaged
-    state only leaves them out. Raises :class:`ConfigError` when a file cannot be opened, the
-    summary is not JSON, the results' format is unknown, or the file is not results at all;
-    smaller problems inside the results file show up in the page.
+    state only leaves them out. With an ``evaluation`` (the JSON of ``batchclassify eval``, from
+    :func:`evaluation_from_labels` or :func:`read_evaluation`) the page has an Evaluation
+    section, with the first ``label_errors`` likely label errors as thumbnails. Raises
+    :class:`ConfigError` when a file cannot be opened, the summary is not JSON, the results'
+    format is unknown, or the file is not results at all; smaller problems inside the results
+    file show up in the page.
     """
-    if thumbnails < 0 or thumb_size < 16:
-        raise ConfigError("thumbnails must be >= 0 and thumb_size >= 16 pixels")
+    if thumbnails < 0 or thumb_size < 16 or label_errors < 0:
+        raise ConfigError("thumbnails and label_errors must be >= 0 and thumb_size >= 16 pixels")
     summary = _read_summary(summary_path) if summary_path is not None else None
     tally = _Tally(keep=thumbnails)
     try:
@@ -162,7 +200,7 @@ def build_report(
         ) from exc
     _check_is_results(results_path, tally)
     run = _run_info(results_path, modified, state_path, summary)
-    return _page(results_path, tally, summary, run, thumb_size)
+    return _page(results_path, tally, summary, run, thumb_size, evaluation, label_errors)
 
 
 def write_report(
@@ -174,6 +212,8 @@ def write_report(
     state_path: Path | None = None,
     thumbnails: int = 24,
     thumb_size: int = 160,
+    evaluation: dict[str, Any] | None = None,
+    label_errors: int = 24,
 ) -> Path:
     """Build the report and write it to ``output``; return ``output``.
 
@@ -191,6 +231,8 @@ def write_report(
         state_path=state_path,
         thumbnails=thumbnails,
         thumb_size=thumb_size,
+        evaluation=evaluation,
+        label_errors=label_errors,
     )
     try:
         if overwrite and output.exists():
@@ -835,17 +877,20 @@ svg .bar{fill:#4c78a8}svg .none{fill:#b5bcc7}svg .bin{fill:#59a14f}svg .also{fil
 svg .axis{stroke:#8a93a3}svg text{fill:#1d2330}
 ul.classes{columns:3 16em;margin:8px 0 0;padding-left:18px}
 .thumbs{display:flex;flex-wrap:wrap;gap:12px}
-figure.thumb{margin:0;width:var(--size);font-size:12px}
-figure.thumb img,.placeholder{display:block;width:var(--size);height:var(--size);
-object-fit:contain;background:#eef0f3;border-radius:4px}
+figure.thumb,figure.label-error{margin:0;width:var(--size);font-size:12px}
+figure.thumb img,figure.label-error img,.placeholder{display:block;width:var(--size);
+height:var(--size);object-fit:contain;background:#eef0f3;border-radius:4px}
 .placeholder{box-sizing:border-box;padding:8px;border:1px dashed #aab2bf;color:#5d6778;
 overflow:hidden;overflow-wrap:anywhere}
-figure.thumb a{display:block;color:inherit;text-decoration:none}
-figure.thumb a:hover img,figure.thumb a:hover .placeholder{outline:2px solid #4c78a8}
+figure a{display:block;color:inherit;text-decoration:none}
+figure a:hover img,figure a:hover .placeholder{outline:2px solid #4c78a8}
 figcaption{margin-top:4px;overflow-wrap:anywhere}
 figcaption .source{color:#5d6778;display:block;max-height:4.4em;overflow:hidden}
 ul.examples{margin:0;padding-left:18px}ul.examples .source{display:block;color:#5d6778}
 .source,code,td.name,figcaption b,li.class-row{unicode-bidi:isolate}
+svg .confusion-cell{fill:#4c78a8;stroke:#fff;stroke-width:1}svg text.light{fill:#fff}
+svg text.zero{fill:#aab2bf}table.metrics td.class-metric{text-align:right;
+font-variant-numeric:tabular-nums}
 """.replace("MONO", _MONO).replace("FONTS", FONT_FAMILIES)
 
 
@@ -866,13 +911,21 @@ def _page(
     summary: dict[str, Any] | None,
     run: _RunInfo,
     size: int,
+    evaluation: dict[str, Any] | None = None,
+    label_errors: int = 24,
 ) -> str:
     name = _h(results_path.name)
+    base = results_path.resolve().parent
     sections = [
         _totals_section(tally),
         _classes_section(tally),
         _confidence_section(tally),
-        _review_section(tally, results_path.resolve().parent, size),
+        *(
+            [_evaluation_section(evaluation, tally, base, size, label_errors)]
+            if evaluation is not None
+            else []
+        ),
+        _review_section(tally, base, size),
         _errors_section(tally),
         _speed_section(tally, summary),
     ]
@@ -1133,21 +1186,10 @@ def _review_section(tally: _Tally, base: Path, size: int) -> str:
         return ""
     figures = []
     for row in doubtful:
-        found = _preview_file(row, base)
-        uri, why = _thumbnail(row, found, size)
-        href = _file_url(row, found, base)
         source = _h(row.source)
-        picture = (
-            f'<img src="{uri}" alt="{source}" width="{size}" height="{size}">'
-            if uri
-            else f'<div class="placeholder">{escape(why)}<br>'
-            f'<span class="source">{source}</span></div>'
-        )
-        if href is not None:
-            picture = f'<a href="{escape(href)}" title="open the file">{picture}</a>'
         figures.append(
             f'<figure class="thumb" data-source="{source}" data-confidence="{row.confidence}">'
-            f"{picture}<figcaption><b>{_h(row.top) or '(no class)'}</b> "
+            f"{_picture(row, base, size)}<figcaption><b>{_h(row.top) or '(no class)'}</b> "
             f'{row.confidence:.3f}<span class="source">{source}</span></figcaption></figure>'
         )
     return (
@@ -1157,6 +1199,23 @@ def _review_section(tally: _Tally, base: Path, size: int) -> str:
         "file). URLs are not fetched.</p>\n"
         f'<div class="thumbs" style="--size:{size}px">' + "".join(figures) + "</div>\n</section>"
     )
+
+
+def _picture(row: _Doubtful, base: Path, size: int) -> str:
+    """The thumbnail of ``row`` (or a placeholder saying why there is none), linking to its
+    file when it has a local one."""
+    found = _preview_file(row, base)
+    uri, why = _thumbnail(row, found, size)
+    href = _file_url(row, found, base)
+    source = _h(row.source)
+    picture = (
+        f'<img src="{uri}" alt="{source}" width="{size}" height="{size}">'
+        if uri
+        else f'<div class="placeholder">{escape(why)}<br><span class="source">{source}</span></div>'
+    )
+    if href is not None:
+        picture = f'<a href="{escape(href)}" title="open the file">{picture}</a>'
+    return picture
 
 
 def _errors_section(tally: _Tally) -> str:
@@ -1255,3 +1314,320 @@ def _or_dash(value: object) -> str:
     if value is None:
         return "–"
     return escape(str(value))
+
+
+# --- evaluation against labels ------------------------------------------------------------------
+
+
+def evaluation_from_labels(
+    results_path: Path,
+    labels: LabelSource,
+    *,
+    label_error_threshold: float = 0.8,
+) -> dict[str, Any]:
+    """The evaluation of JSONL ``results_path`` against ``labels``, as ``batchclassify eval``
+    writes it (:meth:`~batchclassify.evaluate.Evaluation.to_dict`)."""
+    if FORMATS.get(results_path.suffix.lower()) != "jsonl":
+        raise ConfigError(
+            f"--labels needs JSONL results (only they keep every score), not "
+            f"{_shown(str(results_path))!r}: report the .jsonl output of the run, or give "
+            "--eval E.json written by 'batchclassify eval'"
+        )
+    result = evaluate(results_path, labels, label_error_threshold=label_error_threshold)
+    return result.to_dict()
+
+
+def read_evaluation(path: Path) -> dict[str, Any]:
+    """The evaluation JSON that ``batchclassify eval --eval`` wrote, checked for the fields the
+    page shows (raises :class:`ConfigError`)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"), parse_constant=_no_constant)
+    except OSError as exc:
+        raise ConfigError(f"cannot read --eval {str(path)!r}: {exc.strerror or exc}") from exc
+    except (ValueError, RecursionError) as exc:
+        raise ConfigError(f"--eval {str(path)!r} is not JSON: {exc}") from exc
+    problem = _evaluation_problem(data)
+    if problem:
+        raise ConfigError(
+            f"--eval {str(path)!r} is not an evaluation written by 'batchclassify eval': {problem}"
+        )
+    return dict(data)
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number")
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _evaluation_problem(data: Any) -> str | None:
+    """What makes ``data`` unfit for the page, or ``None``."""
+    if not isinstance(data, dict):
+        return "not a JSON object"
+    for key in ("rows", "labeled", "unlabeled", "failed", "no_prediction", "correct"):
+        if not _is_count(data.get(key)):
+            return f"{key!r} is not a count"
+    if not _is_count(data.get("label_error_count")):
+        return "'label_error_count' is not a count"
+    if not isinstance(data.get("label_source"), str):
+        return "'label_source' is not text"
+    if not _is_number(data.get("label_error_threshold")):
+        return "'label_error_threshold' is not a number"
+    if not (data.get("accuracy") is None or _is_number(data.get("accuracy"))):
+        return "'accuracy' is not a number"
+    top_k = data.get("top_k_accuracy")
+    if not isinstance(top_k, dict) or not all(
+        v is None or _is_number(v) for v in (top_k.get(str(k)) for k in EVAL_TOP_K)
+    ):
+        return "'top_k_accuracy' is not {k: number}"
+    for key in ("macro_avg", "weighted_avg"):
+        average = data.get(key)
+        if average is not None and not (
+            isinstance(average, dict) and all(_is_number(average.get(m)) for m in _METRICS)
+        ):
+            return f"{key!r} is not {{precision, recall, f1}}"
+    per_class = data.get("per_class")
+    if not isinstance(per_class, dict) or not all(
+        isinstance(m, dict)
+        and all(_is_number(m.get(name)) for name in _METRICS)
+        and _is_count(m.get("support"))
+        and _is_count(m.get("predicted"))
+        for m in per_class.values()
+    ):
+        return "'per_class' is not {class: {precision, recall, f1, support, predicted}}"
+    confusion = data.get("confusion")
+    labels = confusion.get("labels") if isinstance(confusion, dict) else None
+    matrix = confusion.get("matrix") if isinstance(confusion, dict) else None
+    if not (
+        isinstance(labels, list)
+        and all(isinstance(name, str) for name in labels)
+        and isinstance(matrix, list)
+        and len(matrix) == len(labels)
+        and all(
+            isinstance(row, list) and len(row) == len(labels) and all(map(_is_count, row))
+            for row in matrix
+        )
+    ):
+        return "'confusion' is not {labels, matrix} with a square matrix of counts"
+    errors = data.get("label_errors")
+    if not isinstance(errors, list) or not all(
+        isinstance(error, dict)
+        and all(isinstance(error.get(key), str) for key in ("source", "label", "top"))
+        and isinstance(error.get("path"), (str, type(None)))
+        and _is_number(error.get("confidence"))
+        for error in errors
+    ):
+        return "'label_errors' is not a list of {source, path, label, top, confidence}"
+    for key in ("unknown_labels", "never_predicted", "never_labeled"):
+        names = data.get(key, [])
+        if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+            return f"{key!r} is not a list of class names"
+    return None
+
+
+#: the k of the top-k accuracies shown
+EVAL_TOP_K = (1, 3, 5)
+_METRICS = ("precision", "recall", "f1")
+
+
+def _value(value: object) -> str:
+    """A number of the evaluation exactly as its JSON writes it (``null`` as "–")."""
+    return "–" if value is None else json.dumps(value)
+
+
+def _evaluation_section(
+    evaluation: dict[str, Any], tally: _Tally, base: Path, size: int, label_errors: int
+) -> str:
+    e = evaluation
+    source = f"<code>{_h(e['label_source'])}</code>"
+    top_k = e["top_k_accuracy"]
+    macro, weighted = e["macro_avg"] or {}, e["weighted_avg"] or {}
+    figures = (
+        _figure("Accuracy", "accuracy", _value(e["accuracy"]))
+        + "".join(
+            _figure(f"Top-{k} accuracy", f"top{k}-accuracy", _value(top_k.get(str(k))))
+            for k in EVAL_TOP_K
+        )
+        + _figure("Macro F1", "macro-f1", _value(macro.get("f1")))
+        + _figure("Weighted F1", "weighted-f1", _value(weighted.get("f1")))
+    )
+    counts = (
+        f'<p>Labels from {source}: <span id="labeled">{e["labeled"]}</span> ok rows with a label '
+        f'scored, <span id="correct">{e["correct"]}</span> of them right (top class = label); '
+        f'<span id="unlabeled">{e["unlabeled"]}</span> ok rows without a label and '
+        f'<span id="eval-failed">{e["failed"]}</span> failed rows not scored. Averages over the '
+        f'classes: precision <span id="macro-precision">{_value(macro.get("precision"))}</span>, '
+        f'recall <span id="macro-recall">{_value(macro.get("recall"))}</span> (macro); '
+        f'precision <span id="weighted-precision">{_value(weighted.get("precision"))}</span>, '
+        f'recall <span id="weighted-recall">{_value(weighted.get("recall"))}</span> '
+        "(weighted by support).</p>"
+    )
+    notes = []
+    if e["rows"] != tally.stats.total:
+        notes.append(
+            f'<p class="note" id="evaluation-mismatch">The evaluation counts {e["rows"]} rows, '
+            f"the results file {tally.stats.total}: they may come from different runs.</p>"
+        )
+    if not e["labeled"]:
+        notes.append(f'<p class="note">No ok row has a label from {source}.</p>')
+    for what, key in (
+        ("Labels the model does not seem to know", "unknown_labels"),
+        ("Labels never predicted", "never_predicted"),
+        ("Predicted classes no row is labeled", "never_labeled"),
+    ):
+        names = e.get(key) or []
+        if names:
+            shown = ", ".join(
+                f'<span class="source">{_h(name)}</span>' for name in names[:CHART_CLASSES]
+            )
+            more = len(names) - CHART_CLASSES
+            notes.append(f"<p>{what}: {shown}{f' and {more} more' if more > 0 else ''}</p>")
+    return (
+        '<section id="evaluation-section">\n<h2>Evaluation</h2>\n'
+        f'<dl class="figures">{figures}</dl>\n{counts}\n'
+        + "\n".join(notes)
+        + _metrics_table(e["per_class"])
+        + _confusion_matrix(e["confusion"]["labels"], e["confusion"]["matrix"])
+        + _label_errors_part(e, base, size, label_errors)
+        + "\n</section>"
+    )
+
+
+def _metrics_table(per_class: dict[str, dict[str, Any]]) -> str:
+    if not per_class:
+        return ""
+    rows = []
+    for name, metrics in per_class.items():
+        cells = "".join(
+            f'<td class="class-metric" data-class="{_h(name)}" data-metric="{metric}">'
+            f"{_value(metrics[metric])}</td>"
+            for metric in (*_METRICS, "support", "predicted")
+        )
+        rows.append(f'<tr><td class="name">{_h(name)}</td>{cells}</tr>')
+    table = (
+        '<table class="metrics"><tr><th>class</th><th class="num">precision</th>'
+        '<th class="num">recall</th><th class="num">F1</th><th class="num">support</th>'
+        '<th class="num">predicted</th></tr>\n' + "\n".join(rows) + "\n</table>"
+    )
+    if len(rows) > CHART_CLASSES:  # folded away, not left out
+        table = f"<details><summary>{len(rows)} classes</summary>{table}</details>"
+    return (
+        "\n<h3>Per class</h3>\n<p>Support: scored rows with the class as label; predicted: "
+        f"scored rows with it as top class.</p>\n{table}\n"
+    )
+
+
+def _folded(labels: list[str], matrix: list[list[int]]) -> tuple[list[str], list[list[int]], int]:
+    """The classes of the heatmap and its matrix: all of them, or the CHART_CLASSES - 1 with the
+    most rows (as label or as top; JSON order kept) and "" for the others, summed; and how
+    many were folded."""
+    if len(labels) <= CHART_CLASSES:
+        return labels, matrix, 0
+    rows = [
+        sum(matrix[i]) + sum(row[i] for row in matrix) - matrix[i][i] for i in range(len(labels))
+    ]
+    ranked = sorted(range(len(labels)), key=lambda i: (-rows[i], labels[i]))
+    kept = sorted(ranked[: CHART_CLASSES - 1])
+    where = {index: position for position, index in enumerate(kept)}
+    other = len(kept)
+    folded = [[0] * (other + 1) for _ in range(other + 1)]
+    for i, row in enumerate(matrix):
+        for j, count in enumerate(row):
+            folded[where.get(i, other)][where.get(j, other)] += count
+    return [labels[i] for i in kept] + [""], folded, len(labels) - len(kept)
+
+
+def _confusion_matrix(labels: list[str], matrix: list[list[int]]) -> str:
+    """A heatmap: a row per label, a column per predicted class; each cell shaded by its share
+    of its row, with its count."""
+    if not labels:
+        return ""
+    names, cells, folded = _folded(labels, matrix)
+    n = len(names)
+    label_w, head_h = 200, 150
+    cell = min(48.0, (880 - label_w) / n)
+    font = max(7.0, min(12.0, cell / 2.6))
+    parts = [
+        f'<text x="{label_w + n * cell / 2:.1f}" y="14" text-anchor="middle">predicted →</text>',
+        f'<text x="4" y="{head_h - 8}">label ↓</text>',
+    ]
+    for j, name in enumerate(names):
+        shown = _h(_clipped(name, 22)) if name else f"other ({folded})"
+        full = _h(name) if name else f"{folded} other classes"
+        x = label_w + j * cell + cell / 2 + font / 3
+        parts.append(
+            f"<g><title>{full}</title>"
+            f'<text transform="translate({x:.1f},{head_h - 6}) rotate(-60)" '
+            f'font-size="{font:.1f}">{shown}</text></g>'
+        )
+    for i, name in enumerate(names):
+        y = head_h + i * cell
+        shown = _h(_clipped(name, 26)) if name else f"other ({folded})"
+        parts.append(
+            f"<g><title>{_h(name) if name else f'{folded} other classes'}</title>"
+            f'<text x="{label_w - 6}" y="{y + cell / 2 + font / 3:.1f}" text-anchor="end" '
+            f'font-size="{font:.1f}">{shown}</text></g>'
+        )
+        total = sum(cells[i])
+        for j, count in enumerate(cells[i]):
+            share = count / total if total else 0.0
+            x = label_w + j * cell
+            text_class = (
+                ' class="light"' if share > 0.55 else (' class="zero"' if not count else "")
+            )
+            parts.append(
+                f'<rect class="confusion-cell" data-label="{_h(name)}" '
+                f'data-predicted="{_h(names[j])}" data-count="{count}" x="{x:.1f}" y="{y:.1f}" '
+                f'width="{cell:.1f}" height="{cell:.1f}" fill-opacity="{0.04 + 0.96 * share:.3f}"/>'
+                f'<text x="{x + cell / 2:.1f}" y="{y + cell / 2 + font / 3:.1f}" '
+                f'text-anchor="middle" font-size="{font:.1f}"{text_class}>{count}</text>'
+            )
+    note = (
+        f'<p class="note" id="confusion-folded">{len(labels)} classes: the {n - 1} with the most '
+        f"rows are drawn, the other {folded} are folded into “other”.</p>\n"
+        if folded
+        else ""
+    )
+    height = head_h + n * cell + 8
+    return (
+        "\n<h3>Confusion matrix</h3>\n<p>A row per label, a column per predicted (top) class; a "
+        "cell's shade is its share of its row, its text the number of rows.</p>\n"
+        f'{note}<svg viewBox="0 0 900 {height:.0f}" role="img" aria-label="confusion matrix">'
+        + "".join(parts)
+        + "</svg>\n"
+    )
+
+
+def _label_errors_part(evaluation: dict[str, Any], base: Path, size: int, keep: int) -> str:
+    threshold = _value(evaluation["label_error_threshold"])
+    count = evaluation["label_error_count"]
+    errors = evaluation["label_errors"][:keep]
+    text = (
+        f'\n<h3>Likely label errors</h3>\n<p><span id="label-error-count">{count}</span> scored '
+        "rows have a top class other than their label with a confidence of at least "
+        f'<span id="label-error-threshold">{threshold}</span>'
+    )
+    if not errors:
+        return text + ".</p>\n"
+    figures = []
+    for error in errors:
+        row = _Doubtful(error["source"], error["top"], error["confidence"], error["path"])
+        confidence = _value(error["confidence"])
+        figures.append(
+            f'<figure class="label-error" data-source="{_h(error["source"])}" '
+            f'data-label="{_h(error["label"])}" data-top="{_h(error["top"])}" '
+            f'data-confidence="{confidence}">{_picture(row, base, size)}'
+            f"<figcaption><b>{_h(error['label'])}</b> → <b>{_h(error['top'])}</b> "
+            f'{confidence}<span class="source">{_h(error["source"])}</span></figcaption></figure>'
+        )
+    return (
+        f"{text}; the most confident of them, most confident first (label → top class and "
+        "its confidence):</p>\n"
+        f'<div class="thumbs" style="--size:{size}px">' + "".join(figures) + "</div>\n"
+    )

@@ -47,6 +47,9 @@ from batchclassify.summary import RunStats
 
 __all__ = ["JobState", "run"]
 
+#: the CSV columns a run with ``--labels`` adds
+LABEL_COLUMNS = ("label", "correct")
+
 log = logging.getLogger("batchclassify")
 
 #: commit to the state at least this often (seconds): about what a kill -9 makes us redo
@@ -137,7 +140,8 @@ async def _start_and_drain(
 ) -> _Writer:
     store = _open_state(state, options, outputs, overwrite=overwrite, stack=stack)
     resuming = store is not None and state.resume
-    columns = options.sources.keep_columns
+    # The CSV's extra columns: kept list columns, then the ground truth when there is one.
+    columns = (*options.sources.keep_columns, *(LABEL_COLUMNS if options.labeler else ()))
     check_outputs(outputs, overwrite=overwrite, append=resuming)
     if resuming:
         assert store is not None

@@ -82,8 +82,8 @@ class Sink(Protocol):
 
 def result_to_csv_row(result: Result) -> list[Any]:
     """One CSV row in :data:`CSV_COLUMNS` order, then the kept list columns
-    (``--keep-columns``) in their order; predicted classes are ``;``-joined; no cell can start
-    a spreadsheet formula."""
+    (``--keep-columns``) in their order, then ``label`` and ``correct`` with ``--labels``;
+    predicted classes are ``;``-joined; no cell can start a spreadsheet formula."""
     record = result.to_dict()
     error = record["error"] or {}
     image = record["image"] or {}
@@ -104,6 +104,7 @@ def result_to_csv_row(result: Result) -> list[Any]:
         record["duplicate_of"],
         record["path"],
         *(record.get("columns") or {}).values(),
+        *((record["label"], record["correct"]) if "label" in record else ()),
     ]
     return [csv_cell("" if value is None else value) for value in row]
 
@@ -288,6 +289,8 @@ class ParquetSink:
                 ("source_bytes", pa.binary()),
                 ("path", pa.string()),
                 ("columns", pa.map_(pa.string(), pa.string())),
+                ("label", pa.string()),
+                ("correct", pa.bool_()),
             ]
         )
         self._writer = pq.ParquetWriter(self._partial, self._schema)
@@ -327,6 +330,8 @@ class ParquetSink:
                 "duplicate_of": record["duplicate_of"],
                 "source_bytes": base64.b64decode(raw) if raw else None,
                 "path": record["path"],
+                "label": record.get("label"),
+                "correct": record.get("correct"),
                 "columns": None
                 if record.get("columns") is None
                 else [

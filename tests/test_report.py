@@ -30,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import StartEmulator
+from helpers import make_image, run_cli
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from images import RED, close_to, oriented_jpeg, photo, png_claiming, quadrants, save, solid
@@ -38,6 +40,7 @@ from PIL import Image, ImageChops
 from batchclassify import report
 from batchclassify.cli import main as cli_main
 from batchclassify.errors import ConfigError
+from batchclassify.evaluate import LabelSource
 from batchclassify.model import ErrorInfo, Result
 from batchclassify.report import build_report, write_report
 from batchclassify.sinks import CSV_COLUMNS, open_sinks
@@ -1057,6 +1060,193 @@ def test_the_http_status_table_is_there_only_with_http_errors(tmp_path: Path) ->
     assert Page(text).counts("status-count", "data-http-status") == {"500": 1}
 
 
+# --- evaluation -------------------------------------------------------------------------------
+
+NUMBER = re.compile(r"(?<![\w.\-/])-?\d+(?:\.\d+)?(?:e-?\d+)?(?![\w.])")
+
+
+def evaluation_section(text: str) -> str:
+    found = re.findall(r'<section id="evaluation-section">.*?</section>', text, flags=re.S)
+    assert len(found) == 1
+    return str(found[0])
+
+
+def json_numbers(value: Any) -> set[str]:
+    """Every number in ``value`` as JSON writes it."""
+    if isinstance(value, dict):
+        return set().union(*map(json_numbers, value.values())) if value else set()
+    if isinstance(value, list):
+        return set().union(*map(json_numbers, value)) if value else set()
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return {json.dumps(value)}
+    return set()
+
+
+class Texts(HTMLParser):
+    def __init__(self, text: str) -> None:
+        super().__init__(convert_charrefs=True)
+        self.data: list[str] = []
+        self.feed(text)
+        self.close()
+
+    def handle_data(self, data: str) -> None:
+        self.data.append(data)
+
+
+def as_json(value: Any) -> str:
+    return "–" if value is None else json.dumps(value)
+
+
+def check_section(text: str, got: dict[str, Any], shown_errors: int) -> None:
+    """Every number of the page's evaluation section is the JSON's, in its place."""
+    section = evaluation_section(text)
+    page = Page(section)
+    top_k = got["top_k_accuracy"]
+    wanted = {
+        "accuracy": got["accuracy"],
+        **{f"top{k}-accuracy": top_k[k] for k in ("1", "3", "5")},
+        **{f"macro-{m}": got["macro_avg"][m] for m in ("precision", "recall", "f1")},
+        **{f"weighted-{m}": got["weighted_avg"][m] for m in ("precision", "recall", "f1")},
+        "labeled": got["labeled"],
+        "correct": got["correct"],
+        "unlabeled": got["unlabeled"],
+        "eval-failed": got["failed"],
+        "label-error-count": got["label_error_count"],
+        "label-error-threshold": got["label_error_threshold"],
+    }
+    assert {key: page.by_id[key] for key in wanted} == {k: as_json(v) for k, v in wanted.items()}
+    metrics = {
+        (a["data-class"], a["data-metric"]): value
+        for a, value in page.cells
+        if a.get("class") == "class-metric"
+    }
+    assert metrics == {
+        (name, metric): json.dumps(value)
+        for name, values in got["per_class"].items()
+        for metric, value in values.items()
+    }
+    labels, matrix = got["confusion"]["labels"], got["confusion"]["matrix"]
+    cells = [
+        (a["data-label"], a["data-predicted"], a["data-count"])
+        for a in page.attributes("rect")
+        if a.get("class") == "confusion-cell"
+    ]
+    assert cells == [
+        (label, predicted, str(matrix[i][j]))
+        for i, label in enumerate(labels)
+        for j, predicted in enumerate(labels)
+    ]
+    figures = [
+        (a["data-source"], a["data-label"], a["data-top"], a["data-confidence"])
+        for a in page.attributes("figure")
+        if a.get("class") == "label-error"
+    ]
+    assert figures == [
+        (e["source"], e["label"], e["top"], json.dumps(e["confidence"]))
+        for e in got["label_errors"][:shown_errors]
+    ]
+    # No other number anywhere in its text: each one is a number of the JSON.
+    words = "".join(Texts(section).data)
+    for error in got["label_errors"]:
+        words = words.replace(error["source"], " ")
+    allowed = json_numbers(got) | {"–"}
+    assert set(NUMBER.findall(words)) <= allowed
+
+
+async def test_report_shows_the_evaluation_of_eval_exactly(
+    tmp_path: Path, start_emulator: StartEmulator
+) -> None:
+    url = await start_emulator(classes=("cat", "dog", "bird", "fish"))
+    for offset, name in enumerate(("cat", "dog", "bird")):
+        for n in range(8):
+            make_image(tmp_path / "data" / name / f"{n}.jpg", seed=100 * offset + n)
+    for n in range(3):
+        make_image(tmp_path / "data" / "zebra" / f"{n}.jpg", seed=900 + n)
+    env = {"ROBOFLOW_API_KEY": "report-key-31415"}
+    code, _, err = await run_cli(
+        "run", "data", "--model", "demo/1", "--endpoint", url, "--out", "r.jsonl", "--out",
+        "r.csv", env=env, cwd=tmp_path,
+    )  # fmt: skip
+    assert code == 0, err
+    threshold = ("--label-error-threshold", "0.5")
+    code, _, err = await run_cli(
+        "eval", "r.jsonl", "--labels", "parent", *threshold, "--eval", "e.json", cwd=tmp_path
+    )
+    assert code == 0, err
+    got = json.loads((tmp_path / "e.json").read_text())
+    assert got["label_error_count"] >= 3 and 0 < got["correct"] < got["labeled"]
+    shown = got["label_error_count"] - 1  # the first N, not all of them
+
+    code, _, err = await run_cli(
+        "report", "r.jsonl", "--labels", "parent", *threshold, "--label-errors", str(shown),
+        "-o", "labels.html", cwd=tmp_path,
+    )  # fmt: skip
+    assert code == 0, err
+    page = (tmp_path / "labels.html").read_text()
+    check_section(page, got, shown)
+    assert got["confusion"]["labels"] == ["bird", "cat", "dog", "fish", "zebra"]
+    # the label errors' thumbnails are the images, linking to their files
+    section = evaluation_section(page)
+    first = got["label_errors"][0]
+    assert escape(Path(first["path"]).as_uri()) in section
+    assert section.count('<img src="data:image/jpeg;base64,') == shown
+    assert 'id="evaluation-mismatch"' not in section
+
+    # The eval JSON read instead gives the same section, also for the CSV of the same run.
+    for results in ("r.jsonl", "r.csv"):
+        code, _, err = await run_cli(
+            "report", results, "--eval", "e.json", "--label-errors", str(shown), "-o",
+            f"{results}.html", cwd=tmp_path,
+        )  # fmt: skip
+        assert code == 0, err
+        assert evaluation_section((tmp_path / f"{results}.html").read_text()) == section
+
+    # Labels need the JSONL (the CSV keeps no scores); a bad --eval file; both at once.
+    for args, message in (
+        (("r.csv", "--labels", "parent"), "--labels needs JSONL results"),
+        (("r.jsonl", "--eval", "r.jsonl"), "is not JSON"),
+        (("r.jsonl", "--eval", "data"), "cannot read --eval"),
+        (("r.jsonl", "--labels", "parent", "--eval", "e.json"), "not allowed with"),
+        (("r.jsonl", "--eval", "e.json", *threshold), "go with --labels"),
+        (("r.jsonl", *threshold), "goes with --labels"),
+    ):
+        code, _, err = await run_cli("report", *args, "-o", "x.html", cwd=tmp_path)
+        assert code == 2 and message in err, (args, err)
+        assert not (tmp_path / "x.html").exists()
+    (tmp_path / "bad.json").write_text(json.dumps({**got, "confusion": {"labels": ["a"]}}))
+    with pytest.raises(ConfigError, match="'confusion' is not"):
+        report.read_evaluation(tmp_path / "bad.json")
+
+
+def test_evaluation_strings_are_escaped_and_many_classes_folded(tmp_path: Path) -> None:
+    rows = []
+    for i in range(45):
+        label, top = f"{HOSTILE}{i}", f"{ATTRIBUTE_BREAKER}{i % 40}"
+        row = ok(f"{HOSTILE}/{i}.jpg", top, 0.5 + i / 100)
+        row["columns"] = {"truth": label}
+        rows.append(row)
+    path = write_jsonl(tmp_path / "r.jsonl", rows)
+    evaluation = report.evaluation_from_labels(
+        path, LabelSource.parse("column:truth"), label_error_threshold=0.6
+    )
+    text = build_report(path, evaluation=evaluation, thumbnails=0, label_errors=5)
+    section = evaluation_section(text)
+    assert HOSTILE not in text and 'x" onmouseover' not in text
+    assert "<script" not in text
+    page = Page(section)
+    labels = evaluation["confusion"]["labels"]
+    assert len(labels) == 85
+    cells = [a for a in page.attributes("rect") if a.get("class") == "confusion-cell"]
+    assert len(cells) == 30 * 30  # 29 classes and "other"
+    assert sum(int(a["data-count"]) for a in cells) == 45
+    assert {a["data-label"] for a in cells} - {""} <= set(labels)
+    assert "folded" in page.by_id["confusion-folded"] and "56" in page.by_id["confusion-folded"]
+    figures = [a for a in page.attributes("figure") if a.get("class") == "label-error"]
+    assert [a["data-source"] for a in figures] == [
+        e["source"] for e in evaluation["label_errors"][:5]
+    ]
+
+
 # --- a real browser ---------------------------------------------------------------------------
 
 CHROMIUM = next(
@@ -1106,7 +1296,15 @@ def rendered_report(tmp_path: Path) -> Path:
         rows.append(ok(str(image), ("cat", "dog", HOSTILE)[i % 3], i / 12, latency=50.0 + i))
     rows += [ok("https://example.com/u.jpg", "dog", 0.03), failed("z.jpg", "http", HOSTILE, 503)]
     path = write_jsonl(tmp_path / "results.jsonl", [*rows, "torn {"])
-    return write_report(path, tmp_path / "report.html", thumbnails=8)
+    # Ground truth: every image is labeled cat, so the dog and HOSTILE ones are label errors.
+    truth = tmp_path / "truth.csv"
+    truth.write_text("source,label\n" + "".join(f"{row['source']},cat\n" for row in rows[:12]))
+    evaluation = report.evaluation_from_labels(  # eval refuses the torn line
+        write_jsonl(tmp_path / "whole.jsonl", rows),
+        LabelSource.parse(str(truth)),
+        label_error_threshold=0.3,
+    )
+    return write_report(path, tmp_path / "report.html", thumbnails=8, evaluation=evaluation)
 
 
 @needs_chromium
@@ -1122,6 +1320,17 @@ def test_chromium_renders_the_report_without_console_messages(
     assert dom.number("unreadable") == 1
     assert dom.class_counts() == {"cat": 4, "dog": 5, HOSTILE: 4}
     assert not [tag for tag, _ in dom.tags if tag == "script"]
+    cells = {
+        (a["data-label"], a["data-predicted"]): int(a["data-count"])
+        for a in dom.attributes("rect")
+        if a.get("class") == "confusion-cell"
+    }
+    assert cells[("cat", "cat")] == 4 and cells[("cat", HOSTILE)] == 4
+    errors = [a for a in dom.attributes("figure") if a.get("class") == "label-error"]
+    assert [(a["data-label"], float(a["data-confidence"])) for a in errors] == [
+        ("cat", i / 12)
+        for i in (11, 10, 8, 7, 5, 4)  # not the cats (i % 3 == 0)
+    ]
 
 
 @needs_chromium
@@ -1196,6 +1405,17 @@ def test_chromium_page_fits_1280_px_and_shows_non_latin_names(tmp_path: Path) ->
     make_state(results.with_name("results.jsonl.state"), endpoint="https://" + "h" * 300).close()
     output = tmp_path / "report.html"
 
+    # An evaluation with many classes (folded in the heatmap), long names and label errors.
+    labeled = []
+    for i in range(60):
+        name = ("class" * 40 if i % 7 == 0 else NON_LATIN[i % 3]) + str(i)
+        row = ok(f"/gone/{'long' * 60}/{i}.jpg", name if i % 3 else "top" + str(i % 5), 0.95)
+        row["columns"] = {"truth": name}
+        labeled.append(row)
+    evaluation = report.evaluation_from_labels(
+        write_jsonl(tmp_path / "labeled.jsonl", labeled), LabelSource.parse("column:truth")
+    )
+
     def render(names: Iterable[str], width: int = 1280, extra: str = "") -> Image.Image:
         """The report of these least-confident sources (missing files: a placeholder and a
         caption show each name), beside rows as long as can be; all else kept the same."""
@@ -1206,10 +1426,10 @@ def test_chromium_page_fits_1280_px_and_shows_non_latin_names(tmp_path: Path) ->
         ]
         write_jsonl(results, rows)
         os.utime(results, (1_700_000_000, 1_700_000_000))  # the same header every time
-        write_report(results, output, overwrite=True, thumbnails=8)
+        write_report(results, output, overwrite=True, thumbnails=8, evaluation=evaluation)
         if extra:
             output.write_text(output.read_text().replace("</main>", extra + "</main>"))
-        return screenshot(output, tmp_path / f"profile{width}", width)
+        return screenshot(output, tmp_path / f"profile{width}", width, 9000)
 
     page = render(NON_LATIN)
     for width, image in ((1280, page), (1600, render(NON_LATIN, 1600))):
