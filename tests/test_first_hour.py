@@ -211,3 +211,22 @@ async def test_resuming_says_what_was_done_before(
     code, _, err = await cli(*job, "--resume")
     assert code == 0 and "nothing left to do: every input already has its row" in err
     assert (await emulator_stats(url))["requests"] == 8
+
+
+async def test_the_labeling_workflow_runs_as_written(tmp_path: Path) -> None:
+    """Every command of the README's "Labeling workflow" block, in order, on the samples."""
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    block = text.split("### Labeling workflow", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    commands = [line.split() for line in block.splitlines() if line.startswith("batchclassify")]
+    assert len(commands) >= 6
+    shutil.copytree(REPO / "samples", tmp_path / "samples")
+    species = "".join(
+        f"{p.relative_to(tmp_path)},{p.parent.name}\n" for p in (tmp_path / "samples").rglob("*.*")
+    )
+    (tmp_path / "labels.csv").write_text("path,species\n" + species)
+    for command in commands:
+        code, _, err = await cli(*command[1:], cwd=tmp_path)
+        assert code == 0, (command, err)
+    assert json.loads((tmp_path / "eval.json").read_text())["labeled"] == 8
+    assert (tmp_path / "tasks.json").exists() and (tmp_path / "tasks.label_config.xml").exists()
+    assert (tmp_path / "dataset" / "metadata.jsonl").exists() and (tmp_path / "r.html").exists()
