@@ -163,9 +163,12 @@ class ExportCounts:
 
 
 def needs_review(result: Result, review_below: float | None) -> bool:
-    """Whether an ok ``result`` goes to review: it has no predicted class, or its confidence is
-    under ``review_below``."""
+    """Whether an ok ``result`` goes to review: it has no predicted class, its confidence is
+    under ``review_below``, or it disagrees with its known label (a run with ``--labels``:
+    a wrong label or a wrong model, either way a person should look)."""
     if not result.predicted_classes or not result.top:
+        return True
+    if result.correct is False:
         return True
     if review_below is None:
         return False

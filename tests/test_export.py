@@ -535,3 +535,24 @@ async def test_datasets_loads_the_imagefolder(
     assert loaded["label"] == [row["top"] for row in ok]
     assert loaded["review"] == [to_review(row, 0.6) for row in ok]
     assert loaded["sizes"] == [[row["image"]["width"], row["image"]["height"]] for row in ok]
+
+
+def test_a_row_that_disagrees_with_its_label_goes_to_review() -> None:
+    from batchclassify.export import needs_review
+    from batchclassify.model import Result
+
+    sure = Result(
+        source="a.jpg", status="ok", top="cat", confidence=0.99, predicted_classes=("cat",)
+    )
+    assert not needs_review(sure, 0.5)
+    wrong = Result(
+        source="a.jpg",
+        status="ok",
+        top="cat",
+        confidence=0.99,
+        predicted_classes=("cat",),
+        label="dog",
+        correct=False,
+        labeled=True,
+    )
+    assert needs_review(wrong, 0.5) and needs_review(wrong, None)
