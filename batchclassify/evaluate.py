@@ -102,7 +102,7 @@ from typing import Any, Literal
 from urllib.parse import unquote, urlsplit
 
 from batchclassify.errors import ConfigError
-from batchclassify.model import Result
+from batchclassify.model import Result, read_results
 from batchclassify.text import valid_unicode
 
 __all__ = [
@@ -632,7 +632,7 @@ def evaluate(
         max_label_errors=max_label_errors,
         label_source=str(labels),
     )
-    for result in _results(results):
+    for result in read_results(results, convert=_result):
         evaluator.add(result)
     return evaluator.finish()
 
@@ -644,29 +644,8 @@ def _check_results_name(results: Path) -> None:
         )
 
 
-def _results(path: Path) -> Iterator[Result]:
-    try:
-        handle = path.open(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"cannot read {str(path)!r}: {exc.strerror}") from None
-    with handle:
-        number = 0
-        try:
-            for number, line in enumerate(handle, start=1):  # noqa: B007
-                if line.strip():
-                    yield _result(json.loads(line))
-        except UnicodeDecodeError as exc:
-            raise ConfigError(f"{path}:{number + 1} is not UTF-8 text ({exc.reason})") from None
-        except (ValueError, KeyError, TypeError, RecursionError) as exc:
-            raise ConfigError(
-                f"{path}:{number} is not a result row ({type(exc).__name__}: {exc})"
-            ) from None
-
-
-def _result(record: Any) -> Result:
+def _result(record: dict[str, Any]) -> Result:
     """The row as a result, with the fields the evaluation reads checked."""
-    if not isinstance(record, dict):
-        raise TypeError("expected a JSON object")
     result = Result.from_dict(record)
     if result.status not in ("ok", "error") or not isinstance(result.source, str):
         raise ValueError(f"status {result.status!r} is neither 'ok' nor 'error'")

@@ -79,7 +79,7 @@ from urllib.parse import quote
 from xml.sax.saxutils import escape
 
 from batchclassify.errors import ConfigError
-from batchclassify.model import Result
+from batchclassify.model import Result, read_results
 from batchclassify.organize import OrganizeOptions, Organizer, local_path
 from batchclassify.paths import PlannedPath, check_paths
 from batchclassify.text import raw_name, valid_unicode
@@ -279,7 +279,7 @@ def export_label_studio(
     multiple = False
     with _replacing(output) as tasks, _replacing(config_path) as config:
         tasks.write("[")
-        for result in _results(results):
+        for result in read_results(results):
             counts.rows += 1
             if not result.ok:
                 counts.failed += 1
@@ -337,7 +337,7 @@ def export_imagefolder(
             )
     check_paths(planned)
     # A first pass reads every row, so that results that are not JSONL place nothing at all.
-    for _ in _results(results):
+    for _ in read_results(results):
         pass
     organizer = Organizer(OrganizeOptions(root=folder, mode="link"))
     metadata = organizer.root / METADATA
@@ -347,7 +347,7 @@ def export_imagefolder(
     classes: set[str] = set()
     try:
         with _replacing(metadata) as out:
-            for result in _results(results):
+            for result in read_results(results):
                 counts.rows += 1
                 if not result.ok:
                     counts.failed += 1
@@ -399,29 +399,6 @@ def _check_source(results: Path, review_below: float | None) -> None:
         raise ConfigError(
             f"--review-below must be a probability between 0 and 1, got {review_below}"
         )
-
-
-def _results(path: Path) -> Iterator[Result]:
-    try:
-        handle = path.open("rb")
-    except OSError as exc:
-        raise ConfigError(f"cannot read {str(path)!r}: {exc.strerror}") from None
-    with handle:
-        for number, raw in enumerate(handle, start=1):
-            try:
-                line = raw.decode("utf-8")
-                if not line.strip():
-                    continue
-                record = json.loads(line)
-                if not isinstance(record, dict):
-                    raise TypeError(f"a JSON {type(record).__name__}, not an object")
-                result = Result.from_dict(record)
-            except (ValueError, KeyError, TypeError) as exc:
-                raise ConfigError(
-                    f"{path}:{number} is not a result row ({type(exc).__name__}: {exc}); "
-                    "nothing was exported"
-                ) from None
-            yield result
 
 
 def _classes_of(result: Result) -> Iterator[str]:

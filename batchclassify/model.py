@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import base64
 import json
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from batchclassify.errors import ConfigError
 from batchclassify.text import raw_name, valid_unicode
 
-__all__ = ["ErrorInfo", "Item", "Result", "Status", "record_json"]
+__all__ = ["ErrorInfo", "Item", "Result", "Status", "read_results", "record_json"]
 
 Status = Literal["ok", "error"]
 
@@ -172,3 +174,30 @@ def record_json(result: Result, *, ascii: bool = False) -> str:
     """The result's record as one line of strict JSON (no NaN, valid UTF-8, no newline);
     ``ascii`` escapes everything else too, e.g. for a terminal."""
     return json.dumps(result.to_dict(), ensure_ascii=ascii, separators=(",", ":"), allow_nan=False)
+
+
+def read_results(
+    path: Path, *, convert: Callable[[dict[str, Any]], Result] = Result.from_dict
+) -> Iterator[Result]:
+    """The rows of a JSONL results file, one at a time (constant memory); blank lines are
+    skipped. A line that is not a result row (not UTF-8, not a JSON object, missing fields, or
+    refused by ``convert``) is a :class:`ConfigError` naming ``path:line``."""
+    try:
+        handle = path.open("rb")
+    except OSError as exc:
+        raise ConfigError(f"cannot read {str(path)!r}: {exc.strerror}") from None
+    with handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+                if not line.strip():
+                    continue
+                record = json.loads(line)
+                if not isinstance(record, dict):
+                    raise TypeError(f"a JSON {type(record).__name__}, not an object")
+                result = convert(record)
+            except (ValueError, KeyError, TypeError, RecursionError) as exc:
+                raise ConfigError(
+                    f"{path}:{number} is not a result row ({type(exc).__name__}: {exc})"
+                ) from None
+            yield result

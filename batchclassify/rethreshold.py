@@ -10,12 +10,11 @@ and written to new outputs of any format; failed rows are copied as they are.
 from __future__ import annotations
 
 import dataclasses
-import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from batchclassify.errors import ConfigError
-from batchclassify.model import Result
+from batchclassify.model import Result, read_results
 from batchclassify.paths import PlannedPath, check_paths
 from batchclassify.response import over_threshold
 from batchclassify.sinks import open_sinks
@@ -46,7 +45,7 @@ async def rethreshold(
     sinks = await open_sinks(outputs, overwrite=overwrite)
     written = predicted = 0
     try:
-        for result in _results(source):
+        for result in read_results(source):
             result = rethresholded(result, threshold)
             written += 1
             predicted += bool(result.ok and result.predicted_classes)
@@ -71,21 +70,3 @@ def _check(source: Path, outputs: Sequence[str], threshold: float) -> None:
     planned = [PlannedPath(source, f"the results {source}")]
     planned += [PlannedPath(Path(spec), f"--out {spec}") for spec in outputs if spec != "-"]
     check_paths(planned)  # distinct (the input is never overwritten) and creatable
-
-
-def _results(path: Path) -> Iterator[Result]:
-    try:
-        handle = path.open(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"cannot read {str(path)!r}: {exc.strerror}") from None
-    with handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                yield Result.from_dict(json.loads(line))
-            except (ValueError, KeyError, TypeError) as exc:
-                raise ConfigError(
-                    f"{path}:{number} is not a result row ({type(exc).__name__}: {exc}); "
-                    "nothing was written past it"
-                ) from None
