@@ -260,3 +260,30 @@ async def test_confidence_mistakes_on_the_command_line(tmp_path: Path) -> None:
     code, out, err = await run_cli(*base, "--confidence", "default")
     assert code == 0, err
     assert json.loads(out)["status"] == "ok"
+
+
+async def test_key_transport_and_upload_options_on_the_command_line(
+    tmp_path: Path, recorder: tuple[Recorder, list[dict[str, Any]]]
+) -> None:
+    start, seen = recorder
+    url = await start(200)
+    data = image_bytes(seed=5, size=(64, 48))
+    (tmp_path / "a.jpg").write_bytes(data)
+    base = ["run", str(tmp_path / "a.jpg"), "--model", "demo/1", "--endpoint", url, "--out", "-"]
+    env = {"ROBOFLOW_API_KEY": KEY}
+    code, _, err = await run_cli(
+        *base, "--api-key-transport", "header", "--upload", "base64", env=env
+    )
+    assert code == 0, err
+    code, _, err = await run_cli(
+        *base, "--api-key-transport", "query", "--upload", "multipart", env=env
+    )
+    assert code == 0, err
+    header, query = seen
+    assert header["authorization"] == f"Bearer {KEY}" and "api_key" not in header["query"]
+    assert header["content_type"] == "application/x-www-form-urlencoded"
+    assert query["authorization"] is None and query["query"]["api_key"] == KEY
+    assert query["content_type"] == "multipart/form-data"
+    assert header["image"] == query["image"] == data
+    code, _, err = await run_cli(*base, "--upload", "zip", env=env)
+    assert code == 2 and "invalid choice" in err

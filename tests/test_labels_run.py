@@ -57,3 +57,22 @@ async def test_eval_needs_labels_and_a_jsonl_output(tmp_path: Path) -> None:
     assert code == 2 and "give a .jsonl --out" in err
     code, _, err = await run_cli(*base, "--out", "-", "--labels", str(tmp_path / "none.csv"))
     assert code == 2 and "none.csv" in err
+
+
+async def test_the_label_error_threshold_of_a_run(tmp_path: Path) -> None:
+    for n in range(6):
+        make_image(tmp_path / "data" / "zebra" / f"{n}.jpg", seed=n)
+    base = ["run", str(tmp_path / "data"), "--model", "demo/1", "--emulate", "--labels", "parent"]
+    counts = []
+    for threshold in ("0", "1"):
+        scores = tmp_path / f"e{threshold}.json"
+        out = tmp_path / f"r{threshold}.jsonl"
+        code, _, err = await run_cli(
+            *base, "--out", str(out), "--eval", str(scores), "--label-error-threshold", threshold
+        )
+        assert code == 0, err
+        counts.append(json.loads(scores.read_text())["label_error_count"])
+    # No emulator class is "zebra": every row is wrong, an error at 0, none at 1 (< 1.0 scores).
+    assert counts == [6, 0]
+    code, _, err = await run_cli(*base, "--out", "-", "--label-error-threshold", "1.5")
+    assert code == 2 and "label-error-threshold" in err
