@@ -399,7 +399,8 @@ def resolve_settings(
         _read_key_file(values, origins, warnings, stdin=stdin)
     if values.get("emulate") and "endpoint" in origins:
         _settle_emulate_and_endpoint(values, origins)
-    if "endpoint" not in values:
+    if "endpoint" not in values and not values.get("emulate"):
+        # (an emulated run reads no region: a broken roboflow config cannot stop a dry run)
         values["endpoint"] = default_endpoint(environ)
         if values["endpoint"] != DEFAULT_ENDPOINT:
             origins["endpoint"] = "default for ROBOFLOW_REGION=eu"

@@ -287,3 +287,12 @@ async def test_key_transport_and_upload_options_on_the_command_line(
     assert header["image"] == query["image"] == data
     code, _, err = await run_cli(*base, "--upload", "zip", env=env)
     assert code == 2 and "invalid choice" in err
+
+
+def test_a_broken_roboflow_config_stops_no_dry_run(tmp_path: Path) -> None:
+    broken = tmp_path / "roboflow.json"
+    broken.write_text("{not json")
+    environ = {"ROBOFLOW_CONFIG_DIR": str(broken)}
+    assert resolve_settings({"emulate": True, "model": "m/1"}, environ).settings.emulate
+    with pytest.raises(ConfigError, match="cannot read the roboflow config file"):
+        resolve_settings({"model": "m/1"}, environ)
