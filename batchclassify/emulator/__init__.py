@@ -37,7 +37,9 @@ spends a few microseconds per image whatever its size.
 It can also misbehave on purpose, like the real service under load: median + long-tail latency,
 a token-bucket rate limit (429), random 5xx, chosen statuses with the service's bodies
 (``fail_statuses``, ``--fail-status 402:0.01,423:0.01``), connection resets, hangs and garbage
-200 bodies. All randomness comes from ``EmulatorConfig.seed``. ``GET /_emulator/stats`` tells a
+200 bodies. All randomness comes from ``EmulatorConfig.seed``. With ``gpu_slots`` it models a
+self-hosted GPU server: K requests run at once, each for ``A + B·n`` ms for its n images, the
+others wait in arrival order. ``GET /_emulator/stats`` tells a
 test what the server saw (per status, per image), ``POST /_emulator/reset`` zeroes that.
 
 Entry points: :func:`create_app` (an ``aiohttp.web.Application``), :func:`running_emulator` (an
@@ -48,6 +50,7 @@ synchronous callers), and the ``batchclassify emulate`` command (:func:`add_cli_
 Modules: :mod:`~batchclassify.emulator.config` (``EmulatorConfig``),
 :mod:`~batchclassify.emulator.model` (scores and answer shapes),
 :mod:`~batchclassify.emulator.load` (latency and rate limit),
+:mod:`~batchclassify.emulator.gpu` (GPU slots and batch cost),
 :mod:`~batchclassify.emulator.server` (routes and faults), :mod:`~batchclassify.emulator.cli`.
 """
 

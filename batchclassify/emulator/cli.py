@@ -10,7 +10,12 @@ import signal
 import sys
 from dataclasses import fields
 
-from batchclassify.emulator.config import MULTI_LABEL_COMPARES, EmulatorConfig
+from batchclassify.emulator.config import (
+    DEFAULT_GPU_BATCH_LATENCY_MS,
+    DEFAULT_GPU_PER_IMAGE_MS,
+    MULTI_LABEL_COMPARES,
+    EmulatorConfig,
+)
 from batchclassify.emulator.server import running_emulator
 from batchclassify.errors import ConfigError
 
@@ -40,8 +45,9 @@ Answers have the service's JSON shapes, with predictions that are a deterministi
 the image file; errors have its statuses and bodies (401 {"status": 401, "message":
 "Unauthorized api_key"} for a missing or wrong key). It can also misbehave on purpose (latency
 with a long tail, rate limits, 5xx, chosen statuses, resets, hangs, garbage bodies) so you can
-dry-run a batch job, or test a client, against realistic trouble. GET /_emulator/stats shows
-what it saw; POST /_emulator/reset zeroes that."""
+dry-run a batch job, or test a client, against realistic trouble. With --gpu-slots it models
+a self-hosted GPU server, where several images per /infer/classification request share one
+forward pass. GET /_emulator/stats shows what it saw; POST /_emulator/reset zeroes that."""
 
 CLI_EPILOG = """\
 examples:
@@ -60,6 +66,9 @@ examples:
 
   # payment and pause errors now and then, as the hosted service gives them
   batchclassify emulate --fail-status 402:0.01,423:0.01,507:0.01
+
+  # a self-hosted server with one GPU: 40 ms per request + 2 ms per image, one at a time
+  batchclassify emulate --gpu-slots 1 --batch-latency-ms 40 --per-image-ms 2
 
   curl -s http://127.0.0.1:9001/_emulator/stats"""
 
@@ -271,6 +280,40 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
         default=0,
         help="seed for every random choice, for reproducible runs (default: %(default)s)",
     )
+    gpu = parser.add_argument_group(
+        "simulated GPU (a self-hosted inference server)",
+        "Off unless --gpu-slots is given. Then a request of n images (1 on the /MODEL/VERSION "
+        "route, the length of the list on /infer/classification) holds one of the GPU's slots "
+        "for --batch-latency-ms + n x --per-image-ms; requests that find every slot taken "
+        "wait, first come first served. This comes after --latency-ms (network time, which "
+        "holds no slot), and only answers with predictions use the GPU. /_emulator/stats "
+        "reports it under 'gpu'.",
+    )
+    gpu.add_argument(
+        "--gpu-slots",
+        type=_positive_int,
+        default=None,
+        metavar="K",
+        help="requests the GPU runs at once (1 = one model instance on one GPU)",
+    )
+    gpu.add_argument(
+        "--batch-latency-ms",
+        dest="gpu_batch_latency_ms",
+        type=_non_negative,
+        default=None,
+        metavar="MS",
+        help=f"time a request holds its slot whatever its size (default with --gpu-slots: "
+        f"{DEFAULT_GPU_BATCH_LATENCY_MS:g})",
+    )
+    gpu.add_argument(
+        "--per-image-ms",
+        dest="gpu_per_image_ms",
+        type=_non_negative,
+        default=None,
+        metavar="MS",
+        help=f"time each image of a request adds to that (default with --gpu-slots: "
+        f"{DEFAULT_GPU_PER_IMAGE_MS:g})",
+    )
     # Lets config_from_args report cross-option errors in argparse's own format.
     parser.set_defaults(emulator_parser=parser)
 
@@ -290,6 +333,13 @@ def config_from_args(args: argparse.Namespace) -> EmulatorConfig:
         for dependent in ("rate_limit_burst", "rate_limit_retry_after"):
             if values.get(dependent) is not None:
                 _config_error(args, f"--{dependent.replace('_', '-')} needs --rate-limit")
+    if values.get("gpu_slots") is None:
+        for dependent, flag in (
+            ("gpu_batch_latency_ms", "--batch-latency-ms"),
+            ("gpu_per_image_ms", "--per-image-ms"),
+        ):
+            if values.get(dependent) is not None:
+                _config_error(args, f"{flag} needs --gpu-slots (the GPU model is off without it)")
     try:
         return EmulatorConfig(**values)
     except ConfigError as exc:

@@ -14,6 +14,8 @@ from batchclassify.errors import ConfigError
 __all__ = [
     "DEFAULT_CLASSES",
     "DEFAULT_CONFIDENCE",
+    "DEFAULT_GPU_BATCH_LATENCY_MS",
+    "DEFAULT_GPU_PER_IMAGE_MS",
     "MULTI_LABEL_COMPARES",
     "EmulatorConfig",
     "MultiLabelCompare",
@@ -28,6 +30,12 @@ DEFAULT_CONFIDENCE = 0.4
 #: server's older code path) or ``"ge"`` (score >= threshold, its newer default one)
 MultiLabelCompare = Literal["gt", "ge"]
 MULTI_LABEL_COMPARES: tuple[MultiLabelCompare, ...] = ("gt", "ge")
+
+#: GPU model: fixed cost of one forward pass (kernel launches, transfers, pre/post-processing)
+#: of a small classifier on a mid-range GPU behind a Python server, in ms
+DEFAULT_GPU_BATCH_LATENCY_MS = 40.0
+#: GPU model: what each image of a batch adds to that pass, in ms
+DEFAULT_GPU_PER_IMAGE_MS = 2.0
 
 # ~20 MiB of image (the serverless API's documented limit) is ~27 MiB once base64-encoded.
 _DEFAULT_MAX_BODY_BYTES = 27 * 1024 * 1024
@@ -88,6 +96,14 @@ class EmulatorConfig:
     allow_http_image_urls: bool = False
     #: total seconds allowed for fetching an ``image=`` URL
     image_fetch_timeout: float = 10.0
+    #: model a self-hosted GPU server: this many requests run at once, the others wait for a
+    #: slot in arrival order; None = no GPU model (answers take only ``latency_ms``)
+    gpu_slots: int | None = None
+    #: GPU only: ms a request holds its slot whatever its size;
+    #: None = ``DEFAULT_GPU_BATCH_LATENCY_MS`` (40)
+    gpu_batch_latency_ms: float | None = None
+    #: GPU only: ms each image of a request adds to that; None = ``DEFAULT_GPU_PER_IMAGE_MS`` (2)
+    gpu_per_image_ms: float | None = None
 
     def __post_init__(self) -> None:
         # Accept lists/sets/dicts from callers (tests, TOML) but store immutable values.
@@ -162,6 +178,21 @@ def _validate_config(config: EmulatorConfig) -> None:
         )
     _check_finite("hang_seconds", config.hang_seconds, minimum=0.0)
     _check_finite("image_fetch_timeout", config.image_fetch_timeout, minimum=0.0)
+    _validate_gpu(config)
+
+
+def _validate_gpu(config: EmulatorConfig) -> None:
+    slots = config.gpu_slots
+    if slots is not None and (isinstance(slots, bool) or not isinstance(slots, int) or slots < 1):
+        raise ConfigError(f"gpu_slots: must be an integer >= 1 (or None for no GPU), got {slots!r}")
+    for name in ("gpu_batch_latency_ms", "gpu_per_image_ms"):
+        value = getattr(config, name)
+        if value is None:
+            continue
+        if slots is None:
+            # Silently ignoring it would let a test measure a GPU that is not there.
+            raise ConfigError(f"{name} needs gpu_slots (the GPU model is off without it)")
+        _check_finite(name, value, minimum=0.0)
 
 
 def _check_finite(name: str, value: float, *, minimum: float, maximum: float | None = None) -> None:

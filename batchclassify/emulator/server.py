@@ -28,7 +28,13 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from yarl import URL
 
-from batchclassify.emulator.config import EmulatorConfig, is_version
+from batchclassify.emulator.config import (
+    DEFAULT_GPU_BATCH_LATENCY_MS,
+    DEFAULT_GPU_PER_IMAGE_MS,
+    EmulatorConfig,
+    is_version,
+)
+from batchclassify.emulator.gpu import GpuModel
 from batchclassify.emulator.load import TokenBucket, sample_latency
 from batchclassify.emulator.model import (
     ImageAnalysis,
@@ -150,6 +156,7 @@ class _State:
             or config.garbage_rate
             or any(config.fail_statuses.values())
         )
+        self.gpu = _gpu_model(config)
         self.fault_rng = random.Random()
         self.latency_rng = random.Random()
         self.reseed()
@@ -170,7 +177,15 @@ class _State:
         self.stats = _Stats(in_flight=in_flight, max_in_flight=in_flight)
         if self.bucket is not None:
             self.bucket.refill()
+        if self.gpu is not None:
+            self.gpu.reset()
         self.reseed()
+
+    def snapshot(self, *, include_images: bool) -> dict[str, Any]:
+        data = self.stats.snapshot(include_images=include_images)
+        if self.gpu is not None:
+            data["gpu"] = self.gpu.snapshot()
+        return data
 
     async def pause(self, seconds: float) -> bool:
         """Sleep up to ``seconds``; return early (True) if the server is shutting down."""
@@ -184,6 +199,18 @@ class _State:
         except asyncio.TimeoutError:
             return False
         return True
+
+
+def _gpu_model(config: EmulatorConfig) -> GpuModel | None:
+    if config.gpu_slots is None:
+        return None
+    batch_ms = config.gpu_batch_latency_ms
+    per_image_ms = config.gpu_per_image_ms
+    return GpuModel(
+        config.gpu_slots,
+        DEFAULT_GPU_BATCH_LATENCY_MS if batch_ms is None else batch_ms,
+        DEFAULT_GPU_PER_IMAGE_MS if per_image_ms is None else per_image_ms,
+    )
 
 
 _STATE = web.AppKey("batchclassify_emulator_state", _State)
@@ -375,6 +402,11 @@ async def _respond(
         return await _inject(fault, request, state, images, confidence, started, batch=batch)
     delay = sample_latency(state.latency_rng, config.latency_ms, config.latency_p99_ms)
     await state.pause(min(delay, config.hang_seconds))
+    if state.gpu is not None:
+        # After the network latency, not inside it: the two add up, and a request in transit
+        # holds no slot. Injected faults above never reach the GPU (they stand for a failure
+        # in front of the model), so only answers with predictions cost GPU time.
+        await state.gpu.run(len(images), state.pause)
     body = _answers(images, config, confidence, started, batch=batch)
     stats = state.stats
     stats.ok_requests += 1
@@ -869,16 +901,22 @@ async def _stats_handler(request: web.Request) -> web.Response:
     test can tell which route a client used). Images are identified by the sha256 of their
     bytes (decoded base64, multipart part or fetched URL), counted once the body was read, so
     401/404/429 answers are not per-image.
+
+    With the GPU model on (``gpu_slots``), ``gpu`` holds its settings and what it did:
+    ``busy_ms`` (the modelled slot time of finished batches, summed over slots, so it can
+    exceed wall time when ``slots`` > 1), ``batches`` and ``images`` (requests answered with
+    predictions and their images; a JSON-route list is one batch), ``running`` and ``queued``
+    now, and ``max_running`` and ``max_queue``, the most that held and waited for a slot at once.
     """
     state = request.app[_STATE]
     include = request.query.get("images", "").lower() in ("1", "true", "yes")
-    return web.json_response(state.stats.snapshot(include_images=include))
+    return web.json_response(state.snapshot(include_images=include))
 
 
 async def _reset_handler(request: web.Request) -> web.Response:
     state = request.app[_STATE]
     state.reset()
-    return web.json_response(state.stats.snapshot(include_images=False))
+    return web.json_response(state.snapshot(include_images=False))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -897,9 +935,11 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
 async def _release_waiters(app: web.Application) -> None:
     # on_shutdown runs after the listening socket is closed and before aiohttp waits for
     # in-flight handlers: releasing them here is what makes cleanup prompt.
-    closing = app[_STATE].closing
-    if closing is not None:
-        closing.set()
+    state = app[_STATE]
+    if state.closing is not None:
+        state.closing.set()
+    if state.gpu is not None:
+        state.gpu.close()
 
 
 def create_app(config: EmulatorConfig | None = None) -> web.Application:
