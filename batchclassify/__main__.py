@@ -1,3 +1,5 @@
 from batchclassify.cli import main
 
-raise SystemExit(main())
+# Guarded: a worker process of --processes (multiprocessing's spawn) imports this module again.
+if __name__ == "__main__":
+    raise SystemExit(main())

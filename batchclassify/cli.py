@@ -24,7 +24,7 @@ from batchclassify import __version__, emulator, evaluate, report, verify
 from batchclassify.client import CONFIDENCE_KEYWORDS
 from batchclassify.config import ResolvedSettings, RunSettings, format_settings, resolve_settings
 from batchclassify.errors import ConfigError, RunAborted, redact, url_secrets
-from batchclassify.pipeline import Pipeline
+from batchclassify.pipeline import RunningPipeline
 from batchclassify.rethreshold import rethreshold
 from batchclassify.runner import run
 from batchclassify.text import for_terminal
@@ -723,6 +723,15 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
         help="items buffered between stages (default 2 x concurrency)",
     )
     speed.add_argument(
+        "--processes",
+        type=_processes,
+        metavar="N|auto",
+        help="worker processes, each with its own event loop, for more than one core: one "
+        "run all the same (one state, one set of outputs, one progress bar). auto (the "
+        "default): one per core, as many as the concurrency keeps busy (one per 128 requests "
+        "in flight), 1 with stdin",
+    )
+    speed.add_argument(
         "--shutdown-grace",
         type=float,
         metavar="S",
@@ -766,6 +775,19 @@ def _confidence(text: str) -> float | str:
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"{text!r} is not a probability (0-1) or one of {', '.join(CONFIDENCE_KEYWORDS)}"
+        ) from None
+
+
+def _processes(text: str) -> int | str:
+    """``4`` or ``auto``."""
+    lowered = text.strip().lower()
+    if lowered == "auto":
+        return lowered
+    try:
+        return int(lowered)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a number of processes or auto"
         ) from None
 
 
@@ -848,7 +870,7 @@ async def _run_command(sources: list[str], settings: RunSettings, *, scan: bool)
 
 
 async def _run_job(sources: list[str], settings: RunSettings, *, scan: bool) -> int:
-    options = settings.pipeline_options()
+    options = settings.pipeline_options(sources)
     outputs = list(settings.out)
     if not outputs:
         if scan:
@@ -940,7 +962,7 @@ class _Interrupts:
     def __init__(self, grace: float) -> None:
         self.grace = grace
         self.received = 0
-        self._pipeline: Pipeline | None = None
+        self._pipeline: RunningPipeline | None = None
         self._loop = asyncio.get_running_loop()
         self._event = asyncio.Event()
 
@@ -950,7 +972,7 @@ class _Interrupts:
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 self._loop.add_signal_handler(signum, self._on_signal, signum)
 
-    def attach(self, pipeline: Pipeline) -> None:
+    def attach(self, pipeline: RunningPipeline) -> None:
         self._pipeline = pipeline
         if self.received:
             pipeline.stop()
@@ -1138,6 +1160,16 @@ class _RedactingFilter(logging.Filter):
         record.msg = _printable(message)
         record.args = None
         return True
+
+
+def set_secrets(secrets: Sequence[str]) -> None:
+    """What :func:`_printable` and the logging filter remove (a worker process sets its own)."""
+    _secrets[:] = [secret for secret in secrets if secret]
+
+
+def configure_logging_level(level: int) -> None:
+    """:func:`_configure_logging` from a logging level (a worker process takes its parent's)."""
+    _configure_logging(0 if level >= logging.WARNING else 1 if level >= logging.INFO else 2)
 
 
 def _configure_logging(verbosity: int) -> None:

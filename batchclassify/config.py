@@ -50,6 +50,7 @@ from batchclassify.organize import OrganizeOptions, Organizer, OrganizeSink
 from batchclassify.paths import PlannedPath
 from batchclassify.pipeline import PipelineOptions
 from batchclassify.prepare import PrepareOptions
+from batchclassify.processes import auto_processes
 from batchclassify.retry import RetryPolicy
 from batchclassify.runner import JobState
 from batchclassify.sinks import CSV_COLUMNS, Sink
@@ -117,6 +118,8 @@ class RunSettings:
     jpeg_quality: int = 90
     summary: str | None = None
     queue_size: int | None = None
+    #: worker processes, each with its own event loop; ``auto``: see processes.auto_processes
+    processes: int | str = "auto"
     shutdown_grace: float = 10.0
     #: ``None``: beside the first file output; ``""``: no state
     state: str | None = None
@@ -173,6 +176,11 @@ class RunSettings:
             f"server's own thresholds), got {self.confidence!r}",
         )
         _check(self.queue_size is None or self.queue_size >= 1, "queue_size", "must be >= 1")
+        _check(
+            self.processes == "auto" or (type(self.processes) is int and self.processes >= 1),
+            "processes",
+            f"must be a number of processes (at least 1) or auto, got {self.processes!r}",
+        )
         _check(math.isfinite(self.shutdown_grace), "shutdown_grace", "must be finite")
         _check(self.interval is None or self.interval > 0, "interval", "must be positive")
         _check(
@@ -211,8 +219,9 @@ class RunSettings:
     def updated(self, **changes: Any) -> RunSettings:
         return replace(self, **changes)
 
-    def pipeline_options(self) -> PipelineOptions:
-        """The library-level options these settings stand for."""
+    def pipeline_options(self, sources: Sequence[str] = ()) -> PipelineOptions:
+        """The library-level options these settings stand for (``sources``: what the run
+        reads, which ``processes = "auto"`` looks at)."""
         if not self.model:
             raise ConfigError("--model is required (e.g. --model flowers-abc12/3)")
         project, version = parse_model(self.model)
@@ -260,6 +269,11 @@ class RunSettings:
             queue_size=self.queue_size,
             max_failures=self.max_failures,
             dedup=self.dedup,
+            processes=(
+                auto_processes(self.concurrency, sources)
+                if self.processes == "auto"
+                else int(self.processes)
+            ),
         )
 
     def job_state(self, outputs: Sequence[str]) -> JobState:
@@ -523,7 +537,7 @@ def _from_text(name: str, text: str, hint: Any, *, where: str) -> Any:
             if lowered in _TRUE or lowered in _FALSE:
                 return lowered in _TRUE
             raise ValueError(text)
-        if int in kinds:
+        if int in kinds and not (str in kinds and not _is_number(text)):
             return int(text)
         if float in kinds and not (str in kinds and not _is_number(text)):
             return float(text)

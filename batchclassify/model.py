@@ -97,6 +97,9 @@ class Result:
     #: the input's state key and the hash of the bytes sent: bookkeeping, not written out
     key: str | None = field(default=None, compare=False, repr=False)
     content_hash: str | None = field(default=None, compare=False, repr=False)
+    #: the record as JSON, made once by :func:`record_json` for the state and the JSONL output
+    #: alike (not an argument: a ``replace()`` copy must make its own)
+    _json: str | None = field(default=None, init=False, compare=False, repr=False)
 
     @property
     def ok(self) -> bool:
@@ -173,7 +176,17 @@ class Result:
 def record_json(result: Result, *, ascii: bool = False) -> str:
     """The result's record as one line of strict JSON (no NaN, valid UTF-8, no newline);
     ``ascii`` escapes everything else too, e.g. for a terminal."""
-    return json.dumps(result.to_dict(), ensure_ascii=ascii, separators=(",", ":"), allow_nan=False)
+    if ascii:
+        return json.dumps(
+            result.to_dict(), ensure_ascii=True, separators=(",", ":"), allow_nan=False
+        )
+    text = result._json
+    if text is None:
+        text = json.dumps(
+            result.to_dict(), ensure_ascii=False, separators=(",", ":"), allow_nan=False
+        )
+        object.__setattr__(result, "_json", text)  # frozen, but a cache of its own fields
+    return text
 
 
 def read_results(

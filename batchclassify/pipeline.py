@@ -31,10 +31,10 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, I
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, TextIO, TypeVar
+from typing import Literal, Protocol, TextIO, TypeVar
 
 from batchclassify.client import ClassifyClient, ClientOptions
-from batchclassify.dedup import ContentDedup
+from batchclassify.dedup import ContentDedup, StoredAnswers
 from batchclassify.errors import (
     BatchClassifyError,
     FatalApiError,
@@ -53,10 +53,17 @@ from batchclassify.prepare import (
 )
 from batchclassify.response import result_from_answer
 from batchclassify.sources import SourceOptions, iter_items
-from batchclassify.state import StateStore
 from batchclassify.throttle import Throttle, ThrottleOptions
 
-__all__ = ["Pipeline", "PipelineOptions", "UrlMode", "iter_results"]
+__all__ = [
+    "REQUEST_ERROR_TYPES",
+    "Pipeline",
+    "PipelineOptions",
+    "RunningPipeline",
+    "UrlMode",
+    "iter_results",
+    "label_row",
+]
 
 log = logging.getLogger("batchclassify")
 
@@ -68,7 +75,7 @@ _DOWNLOAD_LIMIT = 512 * 1024 * 1024
 _CHUNK = 256
 _END = None
 #: ``error.type`` values that come from a failed request (as opposed to a bad input)
-_REQUEST_ERROR_TYPES = frozenset(
+REQUEST_ERROR_TYPES = frozenset(
     {"http", "timeout", "connection", "malformed_response", "response_too_large"}
 )
 
@@ -93,8 +100,12 @@ class PipelineOptions:
     dedup: bool = True
     #: the ground truth of a result (``--labels``); each row then carries label and correct
     labeler: Callable[[Result], str | None] | None = None
+    #: event loops in processes of their own (``--processes``): 1 runs in this process
+    processes: int = 1
 
     def __post_init__(self) -> None:
+        if self.processes < 1:
+            raise ValueError("processes must be at least 1")
         # How images are encoded follows how the client uploads them: one setting, not two.
         base64_upload = self.client.upload == "base64"
         if self.prepare.base64_upload != base64_upload:
@@ -104,6 +115,32 @@ class PipelineOptions:
     @property
     def concurrency(self) -> int:
         return self.client.concurrency
+
+
+class RunningPipeline(Protocol):
+    """What the runner and the CLI need of a run: a :class:`Pipeline`, or N of them in worker
+    processes (:class:`batchclassify.processes.ProcessPipeline`)."""
+
+    taken: int
+    dropped: int
+
+    @property
+    def requests_sent(self) -> int: ...
+
+    @property
+    def downloads_sent(self) -> int: ...
+
+    @property
+    def reused(self) -> int: ...
+
+    @property
+    def stopping(self) -> bool: ...
+
+    def results(self) -> AsyncGenerator[Result, None]: ...
+
+    def stop(self) -> None: ...
+
+    def abort(self) -> None: ...
 
 
 class Pipeline:
@@ -117,7 +154,7 @@ class Pipeline:
         *,
         stdin: TextIO | None = None,
         items: Iterable[Item] | None = None,
-        store: StateStore | None = None,
+        store: StoredAnswers | None = None,
     ) -> None:
         """``items`` replaces the sources named by ``specs`` (already selected items, say);
         ``store`` lets content dedup reuse answers from earlier runs."""
@@ -132,6 +169,7 @@ class Pipeline:
         self._failures = 0
         self._workers: list[asyncio.Task[None]] = []
         self._producer: asyncio.Task[None] | None = None
+        self._producing = False
         self.client: ClassifyClient | None = None
         self.throttle: Throttle | None = None
         #: items taken from the sources, and those not reported because the run stopped
@@ -159,8 +197,10 @@ class Pipeline:
     def stop(self) -> None:
         """Stop taking new items; what is in flight finishes and is reported."""
         self._stopping = True
-        if self._producer is not None:
+        if self._producer is not None and self._producing:
             # Also interrupts a producer waiting on a slow source (a pipe, a network folder).
+            # Never one not started yet: cancelled before its first step, its clean-up (the
+            # end markers that wake the workers) would never run; it sees _stopping instead.
             self._producer.cancel()
 
     def abort(self) -> None:
@@ -206,11 +246,14 @@ class Pipeline:
             raise self._fatal
 
     async def _produce(self, todo: asyncio.Queue[Item | None]) -> None:
+        self._producing = True
         iterator: Iterator[Item] = iter(self._items)
         ends = self.options.concurrency
         unsent = 0  # items of the current chunk not yet queued
         try:
-            while chunk := await asyncio.to_thread(list, itertools.islice(iterator, _CHUNK)):
+            while not self._stopping and (
+                chunk := await asyncio.to_thread(list, itertools.islice(iterator, _CHUNK))
+            ):
                 # Counted as taken at once: whatever happens next, each is reported or dropped.
                 self.taken += len(chunk)
                 unsent = len(chunk)
@@ -268,7 +311,7 @@ class Pipeline:
         except Exception as exc:
             result = self._internal_error(item, exc)
         result = self._row(item, result)
-        if result.error is not None and result.error.type in _REQUEST_ERROR_TYPES:
+        if result.error is not None and result.error.type in REQUEST_ERROR_TYPES:
             self._count_failure()
         return result
 
@@ -314,12 +357,7 @@ class Pipeline:
             path=path,
             columns=item.columns,
         )
-        labeler = self.options.labeler
-        if labeler is None:
-            return row
-        label = labeler(row)
-        correct = None if label is None or not row.ok else row.top == label
-        return dataclasses.replace(row, label=label, correct=correct, labeled=True)
+        return label_row(row, self.options.labeler)
 
     async def _classify_item(self, item: Item, executor: ThreadPoolExecutor) -> Result:
         if item.problem is not None:
@@ -378,11 +416,11 @@ class Pipeline:
                 response.answer.thresholded(client.options.confidence),
                 attempts=attempts,
                 latency_ms=latency,
+                content_hash=payload.digest,
+                image=payload.original,
+                sent=payload.sent,
             )
-            # The original's size (what the server saw may be a shrunk copy: that is "sent").
-            return dataclasses.replace(
-                result, content_hash=payload.digest, image=payload.original, sent=payload.sent
-            )
+            return result
         except RequestError as exc:
             exc.attempts += payload.attempts  # the row counts the downloads too
             raise
@@ -414,6 +452,18 @@ class Pipeline:
         loop = asyncio.get_running_loop()
         payload = await loop.run_in_executor(executor, _bytes_payload, raw, url, prepare)
         return dataclasses.replace(payload, attempts=spent + downloads)
+
+
+def label_row(row: Result, labeler: Callable[[Result], str | None] | None) -> Result:
+    """The row with its ground truth (``--labels``) and whether ``top`` matches it. The row
+    is new and not yet shared, so it is completed in place rather than copied once more."""
+    if labeler is None:
+        return row
+    label = labeler(row)
+    correct = None if label is None or not row.ok else row.top == label
+    for name, value in (("label", label), ("correct", correct), ("labeled", True)):
+        object.__setattr__(row, name, value)
+    return row
 
 
 @dataclass(frozen=True, slots=True)

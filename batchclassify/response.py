@@ -24,7 +24,14 @@ from typing import Any, NoReturn
 from batchclassify.errors import MalformedResponseError
 from batchclassify.model import Result
 
-__all__ = ["Answer", "over_threshold", "parse_answer", "result_from_answer", "snippet"]
+__all__ = [
+    "Answer",
+    "over_threshold",
+    "parse_answer",
+    "parse_answers",
+    "result_from_answer",
+    "snippet",
+]
 
 #: the threshold the server applies when none is given
 DEFAULT_THRESHOLD = 0.4
@@ -80,14 +87,41 @@ def over_threshold(
 def parse_answer(body: bytes) -> Answer:
     """Parse and check a 200 body; raise :class:`MalformedResponseError` for anything that is
     not a documented answer (not UTF-8, not JSON, NaN, absurd nesting, wrong types, ...)."""
+    return _answer(_json(body))
+
+
+def parse_answers(body: bytes, count: int) -> list[Answer]:
+    """Parse and check the answer to a batch of ``count`` images (``POST
+    /infer/classification``): a JSON list of answers in the images' order."""
+    data = _json(body)
+    if not isinstance(data, list):
+        _malformed(f"the answer to a batch is {_kind(data)}, not a JSON list")
+    if len(data) != count:
+        _malformed(f"the answer to a batch of {count} images holds {len(data)} answers")
+    return [_answer(entry, f"answer {number}: ") for number, entry in enumerate(data)]
+
+
+def _json(body: bytes) -> Any:
     try:
-        data = json.loads(body.decode("utf-8"), parse_constant=_no_constant)
+        return json.loads(body.decode("utf-8"), parse_constant=_no_constant)
     except UnicodeDecodeError:
         _malformed(f"the body is not UTF-8 text: {snippet(body, 120)!r}")
     except RecursionError:
         _malformed("the body is JSON nested too deeply to be an answer")
     except ValueError as exc:  # JSONDecodeError, NaN/Infinity, integers with 4300+ digits
         _malformed(f"the body is not valid JSON ({exc}): {snippet(body, 120)!r}")
+
+
+def _answer(data: Any, where: str = "") -> Answer:
+    try:
+        return _checked_answer(data)
+    except MalformedResponseError as exc:
+        if not where:
+            raise
+        raise MalformedResponseError(where + str(exc), http_status=exc.http_status) from None
+
+
+def _checked_answer(data: Any) -> Answer:
     if not isinstance(data, dict):
         _malformed(f"the answer is {_kind(data)}, not a JSON object")
     raw = data.get("predictions")
@@ -123,9 +157,17 @@ def parse_answer(body: bytes) -> Answer:
 
 
 def result_from_answer(
-    source: str, answer: Answer, *, attempts: int, latency_ms: float
+    source: str,
+    answer: Answer,
+    *,
+    attempts: int,
+    latency_ms: float,
+    content_hash: str | None = None,
+    image: dict[str, int] | None = None,
+    sent: dict[str, int] | None = None,
 ) -> Result:
-    """The ``ok`` result for ``source``."""
+    """The ``ok`` result for ``source``; ``image`` is the original's size when the client
+    knows it (the answer's is what the server saw, which may be a shrunk copy: ``sent``)."""
     return Result(
         source=source,
         status="ok",
@@ -133,12 +175,14 @@ def result_from_answer(
         confidence=answer.confidence,
         predicted_classes=answer.predicted_classes,
         predictions=answer.predictions,
-        image=answer.image,
+        image=image if image is not None else answer.image,
         inference_id=answer.inference_id,
         time=answer.time,
         attempts=attempts,
         latency_ms=round(latency_ms, 2),
         multi_label=answer.multi_label,
+        sent=sent,
+        content_hash=content_hash,
     )
 
 

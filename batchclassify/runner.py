@@ -32,7 +32,7 @@ from tqdm import tqdm
 from batchclassify.errors import ConfigError, RunAborted, without_userinfo
 from batchclassify.model import Item, Result
 from batchclassify.paths import PlannedPath, check_paths, state_companions
-from batchclassify.pipeline import Pipeline, PipelineOptions
+from batchclassify.pipeline import Pipeline, PipelineOptions, RunningPipeline
 from batchclassify.sinks import STDOUT, Sink, check_outputs, open_sinks, repair_output
 from batchclassify.sources import check_sources, count_items, iter_items
 from batchclassify.state import (
@@ -86,7 +86,7 @@ async def run(
     progress: bool = False,
     summary_path: str | Path | None = None,
     stdin: TextIO | None = None,
-    on_start: Callable[[Pipeline], None] | None = None,
+    on_start: Callable[[RunningPipeline], None] | None = None,
     other_paths: Sequence[PlannedPath] = (),
 ) -> RunStats:
     """Classify every input of ``specs`` and write each result once to every output.
@@ -136,7 +136,7 @@ async def _start_and_drain(
     state: JobState,
     progress: bool,
     stdin: TextIO | None,
-    on_start: Callable[[Pipeline], None] | None,
+    on_start: Callable[[RunningPipeline], None] | None,
 ) -> _Writer:
     store = _open_state(state, options, outputs, overwrite=overwrite, stack=stack)
     resuming = store is not None and state.resume
@@ -152,13 +152,26 @@ async def _start_and_drain(
     for sink in opened:
         stack.push_async_callback(sink.aclose)
     writer = _Writer([*sinks, *opened], store)
-    items: Iterator[Item] = iter_items(specs, options.sources, stdin=stdin)
-    if store is not None or state.shard is not None:
-        reader = store.reader() if resuming and store is not None else None
-        if reader is not None:
-            stack.callback(reader.close)
-        items = select_items(items, reader=reader, shard=state.shard, skipped=writer.skipped)
-    pipeline = Pipeline(specs, options, items=items, store=store)
+    pipeline: RunningPipeline
+    if options.processes > 1:
+        from batchclassify.processes import ProcessPipeline
+
+        pipeline = ProcessPipeline(
+            specs,
+            options,
+            state_path=None if store is None else store.path,
+            resume=resuming,
+            shard=state.shard,
+            skipped=writer.skipped,
+        )
+    else:
+        items: Iterator[Item] = iter_items(specs, options.sources, stdin=stdin)
+        if store is not None or state.shard is not None:
+            reader = store.reader() if resuming and store is not None else None
+            if reader is not None:
+                stack.callback(reader.close)
+            items = select_items(items, reader=reader, shard=state.shard, skipped=writer.skipped)
+        pipeline = Pipeline(specs, options, items=items, store=store)
     if on_start is not None:
         on_start(pipeline)
     bar = _progress_bar(progress)
@@ -194,7 +207,7 @@ class _Writer:
         self._committing = asyncio.Lock()
         self._closing = asyncio.Event()
         self._bar: tqdm[Any] | None = None
-        self._pipeline: Pipeline | None = None
+        self._pipeline: RunningPipeline | None = None
         self.stats = RunStats()
         #: results received from the pipeline; committed as new rows; already in the state
         #: (an input listed twice); left uncommitted because writing failed
@@ -207,7 +220,7 @@ class _Writer:
         #: inputs left out on purpose before the pipeline (done earlier, other shards)
         self.skipped = Skipped()
 
-    async def drain(self, pipeline: Pipeline, bar: tqdm[Any] | None) -> RunStats:
+    async def drain(self, pipeline: RunningPipeline, bar: tqdm[Any] | None) -> RunStats:
         self._bar = bar
         self._pipeline = pipeline
         self._counts_before = self.sink_counts()
@@ -331,7 +344,7 @@ class _Writer:
             stats = self.stats
             stats.aborted = f"{stats.aborted}; {message}" if stats.aborted else message
 
-    def _problems(self, pipeline: Pipeline) -> list[str]:
+    def _problems(self, pipeline: RunningPipeline) -> list[str]:
         problems: list[str] = []
         accounted = self.received + pipeline.dropped
         if pipeline.taken != accounted:
@@ -417,9 +430,7 @@ async def _caught_up_sinks(
         path = Path(spec)
         present = await asyncio.to_thread(_rows_present, path)
         start = 0 if rebuild or present > total else present
-        [sink] = await open_sinks(
-            [spec], append=start > 0, overwrite=start == 0, columns=columns
-        )
+        [sink] = await open_sinks([spec], append=start > 0, overwrite=start == 0, columns=columns)
         sinks.append(sink)
         for number, result in enumerate(store.records(skip=start), start=1):
             await sink.write(result)

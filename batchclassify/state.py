@@ -78,6 +78,16 @@ def is_final(result: Result) -> bool:
     return not (error.http_status in _RETRYABLE_STATUSES or (error.http_status or 0) >= 500)
 
 
+_INSERT = "INSERT OR IGNORE INTO results (key, final, content_hash, record) VALUES (?, ?, ?, ?)"
+
+
+def _row(result: Result) -> tuple[str, int, str | None, str]:
+    if result.key is None:
+        raise ValueError(f"a result without an input key: {result.source!r}")
+    content_hash = result.content_hash if result.ok else None
+    return result.key, int(is_final(result)), content_hash, record_json(result)
+
+
 def item_key(item: Item) -> str:
     """The stable identity of an input (see the module docstring)."""
     if item.url is not None:
@@ -121,16 +131,23 @@ def parse_shard(text: str) -> tuple[int, int]:
     return index, count
 
 
-def in_shard(source: str, shard: tuple[int, int]) -> bool:
+def in_shard(
+    source: str, shard: tuple[int, int] | None, part: tuple[int, int] | None = None
+) -> bool:
     """The shard is picked from the input as listed, so every machine agrees on it whatever
-    its file system looks like."""
-    index, count = shard
+    its file system looks like. ``part`` splits the shard further (``--processes``), from
+    other bits of the same hash, so the parts of every shard are even."""
     try:
         raw = source.encode("utf-8", "surrogateescape")  # the bytes as listed
     except UnicodeEncodeError:
         raw = source.encode("utf-8", "surrogatepass")
-    digest = hashlib.blake2b(raw, digest_size=8).digest()
-    return int.from_bytes(digest, "big") % count == index
+    value = int.from_bytes(hashlib.blake2b(raw, digest_size=8).digest(), "big")
+    if shard is not None:
+        index, count = shard
+        if value % count != index:
+            return False
+        value //= count
+    return part is None or value % part[1] == part[0]
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,6 +199,7 @@ class StateStore:
         # hold a transaction open (which would stop WAL checkpoints).
         self._db.execute("BEGIN IMMEDIATE")
         try:
+            self._db.execute("SAVEPOINT batch")
             yield
         except BaseException:
             self._db.execute("ROLLBACK")
@@ -228,22 +246,19 @@ class StateStore:
             ) from None
 
     def _record(self, results: Iterable[Result]) -> list[Result]:
-        new: list[Result] = []
+        batch = list(results)
+        rows = [_row(result) for result in batch]
         with self._transaction():
-            for result in results:
-                if result.key is None:
-                    raise ValueError(f"a result without an input key: {result.source!r}")
-                cursor = self._db.execute(
-                    "INSERT OR IGNORE INTO results (key, final, content_hash, record) "
-                    "VALUES (?, ?, ?, ?)",
-                    (
-                        result.key,
-                        int(is_final(result)),
-                        result.content_hash if result.ok else None,
-                        record_json(result),
-                    ),
-                )
-                if cursor.rowcount:
+            before = self._db.total_changes
+            # One statement for the batch: every row is new unless an input came twice.
+            self._db.executemany(_INSERT, rows)
+            if self._db.total_changes - before == len(rows):
+                return batch
+            # Some were repeats: find which, row by row (rare: an input listed twice).
+            self._db.execute("ROLLBACK TO batch")
+            new: list[Result] = []
+            for result, row in zip(batch, rows, strict=True):
+                if self._db.execute(_INSERT, row).rowcount:
                     new.append(result)
         return new
 
@@ -265,6 +280,15 @@ class StateStore:
             )
             for (record,) in cursor:
                 yield Result.from_dict(json.loads(record))
+
+    def content_hashes(self) -> Iterator[str]:
+        """The hash of every stored ``ok`` result's bytes (for the dedup's filter)."""
+        with self._readable():
+            cursor = self._db.execute(
+                "SELECT content_hash FROM results WHERE content_hash IS NOT NULL"
+            )
+            for (content_hash,) in cursor:
+                yield str(content_hash)
 
     def lookup_content(self, content_hash: str) -> Result | None:
         """An ``ok`` result for these exact image bytes, if one was stored."""
@@ -295,6 +319,18 @@ class StateReader:
     def count(self) -> int:
         return int(self._db.execute("SELECT count(*) FROM results").fetchone()[0])
 
+    def content_hashes(self) -> Iterator[str]:
+        """As :meth:`StateStore.content_hashes` (a worker process's dedup reads the state)."""
+        cursor = self._db.execute("SELECT content_hash FROM results WHERE content_hash IS NOT NULL")
+        for (content_hash,) in cursor:
+            yield str(content_hash)
+
+    def lookup_content(self, content_hash: str) -> Result | None:
+        row = self._db.execute(
+            "SELECT record FROM results WHERE content_hash = ? LIMIT 1", (content_hash,)
+        ).fetchone()
+        return Result.from_dict(json.loads(row[0])) if row else None
+
     def record_texts(self) -> Iterator[str]:
         """Every stored record as its JSON text, in commit order."""
         for (record,) in self._db.execute("SELECT record FROM results ORDER BY seq"):
@@ -319,13 +355,16 @@ def select_items(
     reader: StateReader | None,
     shard: tuple[int, int] | None,
     skipped: Skipped | None = None,
+    part: tuple[int, int] | None = None,
 ) -> Iterator[Item]:
     """Give every item its key; drop those of other shards and those already done (counted in
-    ``skipped``)."""
+    ``skipped``), and those of the shard's other ``part`` (another process's: not counted)."""
     skipped = skipped if skipped is not None else Skipped()
     for item in items:
         if shard is not None and not in_shard(item.source, shard):
             skipped.other_shards += 1
+            continue
+        if part is not None and not in_shard(item.source, shard, part):
             continue
         key = item_key(item)
         if reader is not None and reader.is_done(key):

@@ -213,6 +213,20 @@ async def test_stop_finishes_in_flight_items_and_reports_nothing_unsent(
     assert (await emulator_stats(url))["requests"] == len(seen)
 
 
+async def test_a_stop_before_the_producer_started_still_ends_the_run(
+    tmp_path: Path, emulator_url: str
+) -> None:
+    make_dataset(tmp_path / "in", 12)
+    pipeline = Pipeline([str(tmp_path / "in")], options(emulator_url))
+    results = pipeline.results()
+    first = asyncio.ensure_future(results.__anext__())
+    await asyncio.sleep(0)  # results() has created the producer task, which has not run yet
+    pipeline.stop()  # a Ctrl-C, or a --processes worker told to stop, at that very moment
+    with pytest.raises(StopAsyncIteration):
+        await asyncio.wait_for(first, 10)  # it hung here: no end marker ever woke the workers
+    assert pipeline.taken == pipeline.dropped
+
+
 async def test_memory_bound_queue_does_not_read_ahead(
     tmp_path: Path, start_emulator: StartEmulator
 ) -> None:

@@ -235,6 +235,44 @@ async def test_byte_identical_copies_cost_one_request(
     assert (await emulator_stats(url))["requests"] == 3 + 33
 
 
+async def test_copies_of_images_classified_by_an_earlier_run_cost_no_request(
+    tmp_path: Path, start_emulator: StartEmulator
+) -> None:
+    url = await start_emulator()
+    folder = tmp_path / "photos"
+    originals = [make_image(folder / f"orig{n}.png", seed=n, size=(20, 20)) for n in range(3)]
+    out = tmp_path / "r.jsonl"
+    command = ("scan", str(folder), "--model", "demo/1", "--endpoint", url, "--out", str(out))
+    code, stderr = await cli(*command)
+    assert code == 0, stderr
+    for n in range(6):  # new files, old bytes: the state's filter must let the lookup through
+        shutil.copy(originals[n % 3], folder / f"later{n}.png")
+    code, stderr = await cli(*command)
+    assert code == 0, stderr
+    assert (await emulator_stats(url))["requests"] == 3
+    later = [r for r in read_jsonl(out) if "later" in r["source"]]
+    assert len(later) == 6 and all(r["duplicate_of"] for r in later)
+
+
+async def test_dedup_finds_a_stored_answer_evicted_from_its_recent_table(tmp_path: Path) -> None:
+    from batchclassify.dedup import ContentDedup
+    from batchclassify.model import Result
+    from batchclassify.state import StateStore
+
+    store = StateStore(tmp_path / "s.state")
+    dedup = ContentDedup(store, capacity=1)
+    digests = [f"{n:064x}" for n in range(3)]
+    for n, digest in enumerate(digests):
+        assert await dedup.find(digest) is None  # claimed: this caller classifies it
+        result = Result(source=f"s{n}", status="ok", top="cat", key=f"k{n}", content_hash=digest)
+        dedup.settle(digest, result)
+        store.record([result])
+    found = await dedup.find(digests[0])  # long gone from the recent table: from the state
+    assert found is not None and found.duplicate_of == "s0"
+    assert await dedup.find(f"{9:064x}") is None
+    store.close()
+
+
 async def test_shards_cover_every_input_exactly_once(
     tmp_path: Path, start_emulator: StartEmulator
 ) -> None:

@@ -62,6 +62,32 @@ def test_records_round_trip_in_commit_order_and_ignore_repeated_keys(tmp_path: P
     store.close()
 
 
+def test_a_key_repeated_within_one_batch_is_stored_once_in_order(tmp_path: Path) -> None:
+    store = StateStore(tmp_path / "s.state")
+    store.record([ok("z", "k0")])
+    new = store.record([ok("a", "k1"), ok("b", "k2"), ok("a-again", "k1"), ok("z-again", "k0")])
+    assert [r.source for r in new] == ["a", "b"]
+    assert [r.source for r in store.records()] == ["z", "a", "b"]
+    # The batch's own record texts are what was stored, byte for byte.
+    assert [json.loads(t)["source"] for t in store.reader().record_texts()] == ["z", "a", "b"]
+
+
+def test_hash_filter_never_misses_and_rarely_lies() -> None:
+    import hashlib
+
+    from batchclassify.dedup import HashFilter
+
+    known = [hashlib.sha256(str(n).encode()).hexdigest() for n in range(20_000)]
+    others = [hashlib.sha256(f"x{n}".encode()).hexdigest() for n in range(20_000)]
+    bloom = HashFilter()
+    for digest in known:
+        bloom.add(digest)
+    assert all(digest in bloom for digest in known)
+    assert sum(digest in bloom for digest in others) <= 20  # ~0 expected at this load
+    bloom.add("not-a-sha256")  # odd keys from an old state still work
+    assert "not-a-sha256" in bloom and "not-a-sha25" not in bloom
+
+
 def test_forget_retryable_keeps_permanent_failures(tmp_path: Path) -> None:
     store = StateStore(tmp_path / "s.state")
     store.record(

@@ -1,0 +1,472 @@
+"""``--processes N``: one run on N event loops, for the CPU of every core.
+
+One event loop holds the GIL, so past a few hundred requests in flight a run is bound by one
+core. Here N worker processes each run a :class:`~batchclassify.pipeline.Pipeline` over their
+part of the inputs (split by the same hash as ``--shard``, so the parts are even and every
+process agrees on them without talking), and send their rows, already serialised, to this
+process. This process stays the one writer: it commits every row to the one state and hands it
+to the one set of outputs, with one progress bar and one summary. So everything a single-process
+run guarantees holds unchanged (exactly-once outputs, ``--resume``, ``scan``, the closing check),
+because the parts that guarantee it are the same code, in the same process.
+
+::
+
+    worker 0: sources (part 0) → Pipeline ─┐  rows, in batches (pipes)
+    worker 1: sources (part 1) → Pipeline ─┼──────────────────────────► this process: state, outputs
+    ...                                    ┘  ◄── stop / abort
+
+A worker whose parent dies (``kill -9``) sees its control pipe close and exits at once: what it
+classified after the last commit is simply classified again by ``--resume``. A worker that dies
+stops the run (exit 2, "--resume completes it"), as a crash of a single-process run would.
+
+Differences from one process, all documented: byte-identical copies found in different
+processes in the same run may cost one request per process (the dedup table is per process;
+answers of earlier runs are found by all); ``--rate`` and ``--concurrency`` are shared out
+evenly; inputs from standard input need one process (stdin is read once).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import multiprocessing
+import os
+import signal
+import threading
+import time
+from collections.abc import AsyncGenerator, Callable, Sequence
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+from batchclassify.errors import ConfigError, RunAborted, redact, url_secrets
+from batchclassify.model import Result, record_json
+from batchclassify.pipeline import REQUEST_ERROR_TYPES, Pipeline, PipelineOptions, label_row
+from batchclassify.sources import STDIN, iter_items
+from batchclassify.state import Skipped, StateReader, select_items
+
+__all__ = ["ProcessPipeline", "auto_processes"]
+
+log = logging.getLogger("batchclassify")
+
+#: rows a worker sends at once, and how long a row waits for its batch at most (seconds)
+_BATCH_ROWS = 128
+_BATCH_DELAY = 0.02
+#: batches received but not yet written: bounds this process's memory if writing is slow
+_BATCHES_IN_FLIGHT = 32
+#: how long the workers get to report after the run stopped before they are killed (seconds)
+_REPORT_GRACE = 30.0
+#: concurrency from which a second process pays for itself (measured: benchmarks/bench_cpu.py)
+AUTO_CONCURRENCY_PER_PROCESS = 128
+
+
+def auto_processes(concurrency: int, specs: Sequence[str]) -> int:
+    """``--processes auto``: one process per core, but only as many as the concurrency keeps
+    busy (below ~128 requests in flight one event loop is not the bound), and one for stdin."""
+    if STDIN in specs:
+        return 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(cores or 1, concurrency // AUTO_CONCURRENCY_PER_PROCESS))
+
+
+@dataclass(frozen=True, slots=True)
+class _WorkerSpec:
+    """What a worker process needs to run its part (pickled to it)."""
+
+    number: int
+    specs: tuple[str, ...]
+    options: PipelineOptions
+    state_path: Path | None
+    resume: bool
+    shard: tuple[int, int] | None
+    part: tuple[int, int]
+    log_level: int
+
+
+@dataclass
+class _Report:
+    """A worker's counts at its end (the same names as the pipeline's)."""
+
+    taken: int = 0
+    dropped: int = 0
+    requests_sent: int = 0
+    downloads_sent: int = 0
+    reused: int = 0
+    done_earlier: int = 0
+    other_shards: int = 0
+    fatal: str | None = None
+
+
+class ProcessPipeline:
+    """The parent side: looks like a :class:`Pipeline` to the runner (``results()``, the
+    counts, ``stop()``, ``abort()``)."""
+
+    def __init__(
+        self,
+        specs: Sequence[str],
+        options: PipelineOptions,
+        *,
+        state_path: Path | None,
+        resume: bool,
+        shard: tuple[int, int] | None,
+        skipped: Skipped,
+    ) -> None:
+        if STDIN in specs:
+            raise ConfigError(
+                "standard input (-) is read once, by one process: use --processes 1 with it"
+            )
+        self.options = options
+        self._specs = tuple(specs)
+        self._state_path = state_path
+        self._resume = resume
+        self._shard = shard
+        self._skipped = skipped
+        self._controls: list[Connection] = []
+        self._processes: list[multiprocessing.process.BaseProcess] = []
+        self._stopping = False
+        self._fatal: RunAborted | None = None
+        self._failures = 0
+        self._secrets = (options.client.api_key, *url_secrets(options.client.endpoint))
+        self.taken = 0
+        self.dropped = 0
+        self.requests_sent = 0
+        self.downloads_sent = 0
+        self.reused = 0
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
+    def stop(self) -> None:
+        """No new items in any worker; what is in flight finishes and is reported."""
+        self._stopping = True
+        self._tell("stop")
+
+    def abort(self) -> None:
+        """Every worker cancels its requests now (their items are not reported)."""
+        self._stopping = True
+        self._tell("abort")
+
+    def _tell(self, what: str) -> None:
+        for control in self._controls:
+            with contextlib.suppress(OSError, ValueError):
+                control.send(what)
+
+    def _worker_specs(self) -> list[_WorkerSpec]:
+        options = self.options
+        count = options.processes
+        client = options.client
+        throttle = options.throttle
+        specs = []
+        for number in range(count):
+            # Concurrency, queue and --rate are shared out; --max-failures and --labels stay
+            # here, where every row passes.
+            share = _share(client.concurrency, count, number)
+            worker_options = dataclasses.replace(
+                options,
+                client=dataclasses.replace(client, concurrency=share),
+                throttle=dataclasses.replace(
+                    throttle, rate=None if throttle.rate is None else throttle.rate / count
+                ),
+                queue_size=None
+                if options.queue_size is None
+                else max(1, _share(options.queue_size, count, number)),
+                max_failures=None,
+                labeler=None,
+                processes=1,
+            )
+            specs.append(
+                _WorkerSpec(
+                    number=number,
+                    specs=self._specs,
+                    options=worker_options,
+                    state_path=self._state_path,
+                    resume=self._resume,
+                    shard=self._shard,
+                    part=(number, count),
+                    log_level=logging.getLogger().getEffectiveLevel(),
+                )
+            )
+        return specs
+
+    async def results(self) -> AsyncGenerator[Result, None]:
+        """Every worker's rows as they come; raises :class:`RunAborted` at the end when a
+        worker failed or the run was stopped by a fatal error."""
+        loop = asyncio.get_running_loop()
+        inbox: asyncio.Queue[tuple[int, str, Any]] = asyncio.Queue()
+        slots = threading.BoundedSemaphore(_BATCHES_IN_FLIGHT)
+        closed = threading.Event()
+        context = multiprocessing.get_context("spawn")
+        pumps: list[threading.Thread] = []
+        for spec in self._worker_specs():
+            rows_in, rows_out = context.Pipe(duplex=False)
+            control_in, control_out = context.Pipe(duplex=False)
+            process = context.Process(
+                target=_worker_main,
+                args=(spec, rows_out, control_in),
+                name=f"batchclassify-worker-{spec.number}",
+                daemon=True,
+            )
+            process.start()
+            rows_out.close()  # the worker's ends: closed here, so EOF means the worker is gone
+            control_in.close()
+            self._processes.append(process)
+            self._controls.append(control_out)
+            pump = threading.Thread(
+                target=_pump,
+                args=(spec.number, rows_in, inbox, loop, slots, closed),
+                name=f"batchclassify-pump-{spec.number}",
+                daemon=True,
+            )
+            pump.start()
+            pumps.append(pump)
+        if self._stopping:
+            self._tell("stop")  # stopped while the workers were starting
+        reports: dict[int, _Report] = {}
+        delivered = [0] * len(self._processes)
+        try:
+            while len(reports) < len(self._processes):
+                number, kind, payload = await inbox.get()
+                slots.release()
+                if kind == "rows":
+                    for row in payload:
+                        delivered[number] += 1
+                        yield self._checked(row)
+                elif kind == "done":
+                    reports[number] = payload
+                    self._worker_ended(payload)
+                else:  # "lost": the pipe closed without a report
+                    reports[number] = _Report(taken=delivered[number])
+                    self._worker_lost(number)
+        finally:
+            if len(reports) < len(self._processes):
+                # The consumer stopped early (the writer failed): rows still coming are dropped.
+                self.abort()
+                self.dropped += await self._collect(inbox, slots, reports, delivered)
+            closed.set()
+            for report in reports.values():
+                self._add(report)
+            await asyncio.to_thread(self._join)
+        if self._fatal is not None:
+            raise self._fatal
+
+    def _checked(self, row: Result) -> Result:
+        row = label_row(row, self.options.labeler)
+        if row.error is not None and row.error.type in REQUEST_ERROR_TYPES:
+            self._failures += 1
+            limit = self.options.max_failures
+            if limit is not None and self._failures >= limit and self._fatal is None:
+                self._fatal = RunAborted(
+                    f"{self._failures} items failed on requests (--max-failures {limit}); "
+                    "the run stopped so that a systematic problem does not burn the whole input"
+                )
+                self.stop()
+        return row
+
+    def _worker_ended(self, report: _Report) -> None:
+        if report.fatal is not None and self._fatal is None:
+            self._fatal = RunAborted(report.fatal)
+            self.stop()  # the others finish what they have in flight, as one process would
+
+    def _worker_lost(self, number: int) -> None:
+        process = self._processes[number]
+        process.join(timeout=5)
+        code = process.exitcode
+        how = f"was killed by signal {-code}" if code is not None and code < 0 else "ended"
+        if self._fatal is None:
+            self._fatal = RunAborted(
+                f"worker process {number} (pid {process.pid}) {how} before reporting its end: "
+                "every row it sent is saved; run the same command with --resume to complete "
+                "the rest"
+            )
+        self.stop()
+
+    async def _collect(
+        self,
+        inbox: asyncio.Queue[tuple[int, str, Any]],
+        slots: threading.BoundedSemaphore,
+        reports: dict[int, _Report],
+        delivered: list[int],
+    ) -> int:
+        """Wait (bounded) for the workers' reports after an early stop; returns the rows
+        that arrived meanwhile, which are not reported (a resumed run classifies them)."""
+        dropped = 0
+        deadline = time.monotonic() + _REPORT_GRACE
+        while len(reports) < len(self._processes):
+            remaining = deadline - time.monotonic()
+            try:
+                number, kind, payload = await asyncio.wait_for(inbox.get(), max(remaining, 0))
+            except asyncio.TimeoutError:
+                break
+            slots.release()
+            if kind == "rows":
+                delivered[number] += len(payload)
+                dropped += len(payload)
+            elif kind == "done":
+                reports[number] = payload
+            else:
+                reports[number] = _Report(taken=delivered[number])
+        for number, process in enumerate(self._processes):
+            if number not in reports:
+                process.kill()
+                reports[number] = _Report(taken=delivered[number])
+        return dropped
+
+    def _add(self, report: _Report) -> None:
+        self.taken += report.taken
+        self.dropped += report.dropped
+        self.requests_sent += report.requests_sent
+        self.downloads_sent += report.downloads_sent
+        self.reused += report.reused
+        self._skipped.done_earlier += report.done_earlier
+        self._skipped.other_shards += report.other_shards
+
+    def _join(self) -> None:
+        for control in self._controls:
+            control.close()  # a worker still running sees its parent leave, and exits
+        for process in self._processes:
+            process.join(timeout=10)
+            if process.is_alive():
+                process.kill()
+                process.join()
+
+
+def _share(total: int, parts: int, number: int) -> int:
+    """Part ``number`` of ``total`` split as evenly as integers allow."""
+    return total // parts + (1 if number < total % parts else 0)
+
+
+def _pump(
+    number: int,
+    rows: Connection,
+    inbox: asyncio.Queue[tuple[int, str, Any]],
+    loop: asyncio.AbstractEventLoop,
+    slots: threading.BoundedSemaphore,
+    closed: threading.Event,
+) -> None:
+    """Move one worker's messages into the event loop (a thread: the pipe blocks), at most
+    ``_BATCHES_IN_FLIGHT`` waiting, so a slow writer slows the workers instead of filling
+    memory."""
+    try:
+        while True:
+            try:
+                kind, payload = rows.recv()
+            except (EOFError, OSError):
+                kind, payload = "lost", None
+            while not slots.acquire(timeout=0.5):
+                if closed.is_set():
+                    return
+            try:
+                loop.call_soon_threadsafe(inbox.put_nowait, (number, kind, payload))
+            except RuntimeError:  # the loop is closed
+                return
+            if kind in ("done", "lost"):
+                return
+    finally:
+        rows.close()
+
+
+# --- the worker side -------------------------------------------------------------------------
+
+
+def _worker_main(spec: _WorkerSpec, rows: Connection, control: Connection) -> None:
+    """A worker process: run its part, send rows and a last report."""
+    # Ctrl-C reaches every process of the terminal's group: the parent decides (stop, then
+    # abort), and tells the workers.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _configure_logging(spec)
+    try:
+        asyncio.run(_work(spec, rows, control))
+    finally:
+        rows.close()
+
+
+def _configure_logging(spec: _WorkerSpec) -> None:
+    from batchclassify import cli  # the parent's handler: same format, same redaction
+
+    client = spec.options.client
+    cli.set_secrets([client.api_key or "", *url_secrets(client.endpoint)])
+    cli.configure_logging_level(spec.log_level)
+
+
+async def _work(spec: _WorkerSpec, rows: Connection, control: Connection) -> None:
+    reader = StateReader(spec.state_path) if spec.state_path is not None else None
+    skipped = Skipped()
+    items = select_items(
+        iter_items(spec.specs, spec.options.sources),
+        reader=reader if spec.resume else None,
+        shard=spec.shard,
+        skipped=skipped,
+        part=spec.part,
+    )
+    # Dedup reads the state too (the answers of earlier runs), through its own connection.
+    dedup_store = StateReader(spec.state_path) if spec.state_path is not None else None
+    pipeline = Pipeline(spec.specs, spec.options, items=items, store=dedup_store)
+    _listen(control, pipeline, asyncio.get_running_loop())
+    report = _Report()
+    batch: list[Result] = []
+
+    def send() -> None:
+        if batch:
+            rows.send(("rows", batch[:]))
+            batch.clear()
+
+    async def send_regularly() -> None:
+        while True:
+            await asyncio.sleep(_BATCH_DELAY)
+            send()
+
+    sender = asyncio.create_task(send_regularly())
+    try:
+        async with contextlib.aclosing(pipeline.results()) as results:
+            async for result in results:
+                record_json(result)  # serialised here, on this core: the parent reuses it
+                batch.append(result)
+                if len(batch) >= _BATCH_ROWS:
+                    send()
+    except RunAborted as exc:
+        report.fatal = str(exc)
+    except Exception as exc:  # a bug: the parent stops the run with this message
+        log.debug("worker %d failed", spec.number, exc_info=True)
+        report.fatal = redact(
+            f"worker process {spec.number} failed: {type(exc).__name__}: {exc}",
+            spec.options.client.api_key or "",
+        )
+    finally:
+        sender.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sender
+        for store in (reader, dedup_store):
+            if store is not None:
+                store.close()
+    send()
+    report.taken = pipeline.taken
+    report.dropped = pipeline.dropped
+    report.requests_sent = pipeline.requests_sent
+    report.downloads_sent = pipeline.downloads_sent
+    report.reused = pipeline.reused
+    report.done_earlier = skipped.done_earlier
+    report.other_shards = skipped.other_shards
+    rows.send(("done", report))
+
+
+def _listen(control: Connection, pipeline: Pipeline, loop: asyncio.AbstractEventLoop) -> None:
+    """Obey the parent's stop and abort; exit at once when the parent is gone."""
+
+    def listen() -> None:
+        actions: dict[str, Callable[[], None]] = {"stop": pipeline.stop, "abort": pipeline.abort}
+        try:
+            while True:
+                what = control.recv()
+                with contextlib.suppress(RuntimeError):  # the loop has finished
+                    loop.call_soon_threadsafe(actions[what])
+        except (EOFError, OSError):
+            # The parent is gone (killed): nothing can record what this process classifies
+            # any more, so stop spending requests. A normal end closes the pipe after our
+            # report, when this process is leaving anyway.
+            os._exit(3)
+
+    threading.Thread(target=listen, name="batchclassify-control", daemon=True).start()
