@@ -1,6 +1,6 @@
 """Whole-process CPU and throughput of the batchclassify CLI, beside a minimal reference loop.
 
-    python benchmarks/bench_cpu.py [--concurrency 64,256,512] [--latency-ms 100] [--rounds 20]
+    python benchmarks/bench_cpu.py [--concurrency 64,256,512] [--latency-ms 100] [--rounds 40]
                                    [--repeat 3] [--variant 'NAME=ARGS' ...] [--quick]
     python benchmarks/bench_cpu.py --profile [C] [--profile-args 'ARGS'] [--profile-out FILE]
     python benchmarks/bench_cpu.py --startup
@@ -36,6 +36,10 @@ How the whole process is measured:
   three-line ``python -c`` launcher that then runs the module (``runpy``, as ``-m`` does) or
   the script. Not ``ru_maxrss``: after a vfork+exec it starts at the parent's high-water mark
   (see ``benchutil.peak_rss_mb``). With ``--processes N``, other processes are not included;
+- "cores": the client's CPU seconds per wall second; "loop": the same for its main thread
+  alone (``time.thread_time()`` in the launcher's hook), the event loop. A loop near 1.0 is
+  the single-core ceiling; well under it with images/s under C/L, look at waits (or at a
+  machine busy with other work: the load average is printed);
 - the emulator's CPU ms per request: its ``/proc`` CPU delta over the requests it counted.
 
 ``--profile [C]`` runs batchclassify (defaults, plus ``--profile-args``) once under cProfile
@@ -71,14 +75,16 @@ from benchutil import API_KEY, MODEL, VERSION, Emulator, machine, make_images, t
 
 REFERENCE = str(Path(__file__).resolve().with_name("reference.py"))
 #: images per point = rounds x C: each worker sends about this many requests
-ROUNDS = 20
+ROUNDS = 40
 IMAGE_SIZE = (32, 32)
-#: run ``sys.argv[2]`` (a module, or a .py script) and write its VmHWM (KiB) to ``sys.argv[1]``
+#: run ``sys.argv[2]`` (a module, or a .py script), then write its VmHWM (KiB) and the main
+#: thread's CPU seconds to ``sys.argv[1]`` (atexit runs in the main thread)
 _LAUNCHER = """\
-import atexit, os, runpy, sys
+import atexit, os, runpy, sys, time
 def _peak(path=sys.argv[1]):
     with open("/proc/self/status") as s, open(path, "w") as f:
-        f.write(next((l.split()[1] for l in s if l.startswith("VmHWM:")), "0"))
+        peak = next((l.split()[1] for l in s if l.startswith("VmHWM:")), "0")
+        f.write(f"{peak} {time.thread_time()}")
 atexit.register(_peak)
 target, sys.argv = sys.argv[2], sys.argv[2:]
 if target.endswith(".py"):
@@ -97,6 +103,8 @@ class Run:
     images: int
     wall: float = 0.0
     cpu: float = 0.0
+    #: CPU of the main thread alone (the event loop's, for both clients)
+    loop_cpu: float = 0.0
     rss_mb: float = 0.0
     requests: int = 0
     emulator_cpu: float = 0.0
@@ -260,7 +268,8 @@ def measure(
     run.emulator_cpu = emulator.cpu_seconds() - emulator_cpu
     run.requests = int(emulator.stats()["requests"])
     if peak.exists() and peak.read_text().strip():
-        run.rss_mb = int(peak.read_text()) / 1024
+        kib, loop_cpu = peak.read_text().split()
+        run.rss_mb, run.loop_cpu = int(kib) / 1024, float(loop_cpu)
     if completed.returncode != 0:
         tail = (folder / "stderr").read_text(errors="replace").strip().splitlines()[-8:]
         run.error = f"exit status {completed.returncode}:\n" + "\n".join(tail)
@@ -306,7 +315,7 @@ def _progress(concurrency: int, run: Run) -> None:
 
 
 def _table(points: Sequence[Point], latency: float) -> str:
-    header = ["C, client", "images/s", "% of C/L", "CPU ms/img", "cores", "RSS MB"]
+    header = ["C, client", "images/s", "% of C/L", "CPU ms/img", "cores", "loop", "RSS MB"]
     header += ["emu ms/req", "req/img", "x ref"]
     rows = []
     for point in points:
@@ -335,6 +344,7 @@ def _table(points: Sequence[Point], latency: float) -> str:
                     f"{100 * speed / bound:.0f}%",
                     med([1000 * run.cpu / run.images for run in good], 2),
                     med([run.cpu / run.wall for run in good], 2),
+                    med([run.loop_cpu / run.wall for run in good], 2),
                     med([run.rss_mb for run in good], 0),
                     med([1000 * run.emulator_cpu / max(run.requests, 1) for run in good], 3),
                     med([run.requests / run.images for run in good], 2),
@@ -359,7 +369,9 @@ _GROUPS = [
     ("tenacity", ("tenacity",)),
     ("sqlite3", ("sqlite3",)),
     ("json", ("json",)),
-    ("asyncio", ("asyncio",)),
+    # Context.run is the event loop calling back a ready handle
+    ("asyncio", ("asyncio", "_contextvars")),
+    ("dataclasses", ("dataclasses",)),
     ("threads/queues", ("threading", "concurrent/futures", "queue")),
     ("ssl/socket/selectors", ("socket", "selectors", "ssl")),
     ("hashing/base64", ("hashlib", "binascii", "base64", "blake2", "sha")),
@@ -448,9 +460,14 @@ def profile(
     ]  # fmt: skip
     print(f"\nself time by group (total {total:.2f} s, of which busy {busy:.2f} s):")
     print(table(["group", "self s", "% of all", "% of busy"], rows))
+    other = sorted((i for i in entries.items() if _group(i[0]) == "other"), key=lambda i: -i[1][2])
+    print("\n'other', its largest: " + "; ".join(
+        f"{_where(key)} {tt:.3f} s" for key, (_, _, tt, _) in other[:6]
+    ))  # fmt: skip
     rows = [
         [module, f"{seconds:.3f}", f"{100 * seconds / busy:.1f}%"]
         for module, seconds in sorted(by_module.items(), key=lambda item: -item[1])
+        if seconds >= 0.001
     ]
     print("\nbatchclassify's self time by module:")
     print(table(["module", "self s", "% of busy"], rows))
@@ -460,7 +477,7 @@ def profile(
             [_where(key)[-90:], f"{nc}", f"{tt:.3f}", f"{ct:.3f}", _group(key)]
             for key, (_, nc, tt, ct) in top
         ]
-        print(f"\ntop 25 by {title}:")
+        print(f"\ntop 25 by {title} (calls of a coroutine count each time it resumes):")
         print(table(["function", "calls", "self s", "cum s", "group"], rows))
     if args.profile_out:
         print(f"\nprofile data: {data}")
@@ -507,8 +524,11 @@ def startup(repeat: int = 5) -> int:
         own = head.split(":", 1)[1]
         depth = (len(name) - len(name.lstrip()) - 1) // 2
         imports.append((name.strip(), depth, int(own) / 1000, int(cumulative) / 1000))
-    top_level = sorted((i for i in imports if i[1] == 0), key=lambda i: -i[3])[:12]
-    print("\n`python -X importtime -m batchclassify run --help`, top-level imports by cumulative:")
+    top_level = sorted((i for i in imports if i[1] <= 1), key=lambda i: -i[3])[:15]
+    print(
+        "\n`python -X importtime -m batchclassify run --help`: imports at the top two levels "
+        "(what the package's __init__ and the CLI pull in) by cumulative time:"
+    )
     print(table(["module", "cum ms"], [[n, f"{c:.1f}"] for n, _, _, c in top_level]))
     own_top = sorted(imports, key=lambda i: -i[2])[:15]
     print("\nslowest modules by their own import time:")
