@@ -37,9 +37,11 @@ How the whole process is measured:
   the script. Not ``ru_maxrss``: after a vfork+exec it starts at the parent's high-water mark
   (see ``benchutil.peak_rss_mb``). With ``--processes N``, other processes are not included;
 - "cores": the client's CPU seconds per wall second; "loop": the same for its main thread
-  alone (``time.thread_time()`` in the launcher's hook), the event loop. A loop near 1.0 is
-  the single-core ceiling; well under it with images/s under C/L, look at waits (or at a
-  machine busy with other work: the load average is printed);
+  alone (``time.thread_time()`` in the launcher's hook), the event loop; "runq": the share of
+  the wall time that thread was ready to run but waited for a core (``/proc/thread-self/
+  schedstat``: other processes, the emulator, the client's own threads). loop + runq near 1.0
+  is a CPU-bound client (on a busy machine, with less than a core); well under 1.0 with
+  images/s under C/L, the client waits on something else;
 - the emulator's CPU ms per request: its ``/proc`` CPU delta over the requests it counted.
 
 ``--profile [C]`` runs batchclassify (defaults, plus ``--profile-args``) once under cProfile
@@ -77,14 +79,20 @@ REFERENCE = str(Path(__file__).resolve().with_name("reference.py"))
 #: images per point = rounds x C: each worker sends about this many requests
 ROUNDS = 40
 IMAGE_SIZE = (32, 32)
-#: run ``sys.argv[2]`` (a module, or a .py script), then write its VmHWM (KiB) and the main
-#: thread's CPU seconds to ``sys.argv[1]`` (atexit runs in the main thread)
+#: run ``sys.argv[2]`` (a module, or a .py script), then write its VmHWM (KiB), the main
+#: thread's CPU seconds and its run-queue wait (ns) to ``sys.argv[1]`` (atexit runs in the main
+#: thread)
 _LAUNCHER = """\
 import atexit, os, runpy, sys, time
 def _peak(path=sys.argv[1]):
+    try:
+        with open("/proc/thread-self/schedstat") as s:
+            waited = s.read().split()[1]
+    except (OSError, IndexError):
+        waited = "0"
     with open("/proc/self/status") as s, open(path, "w") as f:
         peak = next((l.split()[1] for l in s if l.startswith("VmHWM:")), "0")
-        f.write(f"{peak} {time.thread_time()}")
+        f.write(f"{peak} {time.thread_time()} {waited}")
 atexit.register(_peak)
 target, sys.argv = sys.argv[2], sys.argv[2:]
 if target.endswith(".py"):
@@ -105,6 +113,8 @@ class Run:
     cpu: float = 0.0
     #: CPU of the main thread alone (the event loop's, for both clients)
     loop_cpu: float = 0.0
+    #: how long the main thread was ready to run but waited for a core
+    loop_waited: float = 0.0
     rss_mb: float = 0.0
     requests: int = 0
     emulator_cpu: float = 0.0
@@ -268,8 +278,9 @@ def measure(
     run.emulator_cpu = emulator.cpu_seconds() - emulator_cpu
     run.requests = int(emulator.stats()["requests"])
     if peak.exists() and peak.read_text().strip():
-        kib, loop_cpu = peak.read_text().split()
+        kib, loop_cpu, waited = peak.read_text().split()
         run.rss_mb, run.loop_cpu = int(kib) / 1024, float(loop_cpu)
+        run.loop_waited = int(waited) / 1e9
     if completed.returncode != 0:
         tail = (folder / "stderr").read_text(errors="replace").strip().splitlines()[-8:]
         run.error = f"exit status {completed.returncode}:\n" + "\n".join(tail)
@@ -315,7 +326,8 @@ def _progress(concurrency: int, run: Run) -> None:
 
 
 def _table(points: Sequence[Point], latency: float) -> str:
-    header = ["C, client", "images/s", "% of C/L", "CPU ms/img", "cores", "loop", "RSS MB"]
+    header = ["C, client", "images/s", "% of C/L", "CPU ms/img", "cores", "loop", "runq"]
+    header += ["RSS MB"]
     header += ["emu ms/req", "req/img", "x ref"]
     rows = []
     for point in points:
@@ -345,6 +357,7 @@ def _table(points: Sequence[Point], latency: float) -> str:
                     med([1000 * run.cpu / run.images for run in good], 2),
                     med([run.cpu / run.wall for run in good], 2),
                     med([run.loop_cpu / run.wall for run in good], 2),
+                    med([run.loop_waited / run.wall for run in good], 2),
                     med([run.rss_mb for run in good], 0),
                     med([1000 * run.emulator_cpu / max(run.requests, 1) for run in good], 3),
                     med([run.requests / run.images for run in good], 2),
