@@ -389,7 +389,7 @@ _GROUPS = [
     ("ssl/socket/selectors", ("socket", "selectors", "ssl")),
     ("hashing/base64", ("hashlib", "binascii", "base64", "blake2", "sha")),
     ("PIL", ("PIL",)),
-    ("imports", ("<frozen", "importlib")),
+    ("imports", ("<frozen importlib", "importlib")),
 ]
 
 _Key = tuple[str, int, str]
