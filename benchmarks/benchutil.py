@@ -7,6 +7,10 @@
   with ``--child SPEC``), so its peak RSS (see :func:`peak_rss_mb`) and CPU time belong to that
   client alone; the child reports with :func:`report` and measures with :class:`Meter`.
 - :func:`make_images`, :func:`write_list`: small real JPEGs and ``.txt`` lists of their paths.
+
+Pillow and batchclassify are imported where they are used, not here: the reference client
+(``reference.py``) imports this module for :func:`peak_rss_mb`, and a whole-process measurement
+of it must not include batchclassify's import time or memory.
 """
 
 from __future__ import annotations
@@ -23,12 +27,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from PIL import Image, ImageDraw
-
-from batchclassify import ClientOptions, PipelineOptions
-from batchclassify.emulator import LISTENING_PREFIX
+if TYPE_CHECKING:
+    from batchclassify import PipelineOptions
 
 #: every benchmark talks to this model; the emulator is started with ``--models demo/1``
 MODEL = "demo"
@@ -46,6 +48,8 @@ class Emulator:
         self._process: subprocess.Popen[str] | None = None
 
     def __enter__(self) -> Emulator:
+        from batchclassify.emulator import LISTENING_PREFIX
+
         command = [sys.executable, "-m", "batchclassify", "emulate", "--port", "0"]
         command += ["--models", f"{MODEL}/{VERSION}", *self.options]
         process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
@@ -178,6 +182,8 @@ def run_child(script: str, spec: dict[str, Any], *, timeout: float = 900) -> dic
 
 def make_images(folder: Path, count: int, size: tuple[int, int] = (320, 240)) -> list[Path]:
     """``count`` distinct JPEGs (gradient, shapes, noise) of ``size``, about 15 KB each."""
+    from PIL import Image, ImageDraw
+
     folder.mkdir(parents=True, exist_ok=True)
     width, height = size
     gradient = Image.linear_gradient("L").resize(size)
@@ -255,6 +261,8 @@ def table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
 def pipeline_options(url: str, concurrency: int = 8, *, dedup: bool = False) -> PipelineOptions:
     """batchclassify's options for a measured client against the emulator at ``url``. Dedup is
     off by default: benchmarks reuse a few images, which dedup would answer without a request."""
+    from batchclassify import ClientOptions, PipelineOptions
+
     client = ClientOptions(
         endpoint=url, model=MODEL, version=VERSION, api_key=API_KEY, concurrency=concurrency
     )
