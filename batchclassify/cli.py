@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from batchclassify import __version__, emulator, evaluate, report, verify
+from batchclassify import __version__, emulator, evaluate, objects, report, verify
 from batchclassify.client import CONFIDENCE_KEYWORDS
 from batchclassify.config import ResolvedSettings, RunSettings, format_settings, resolve_settings
 from batchclassify.errors import ConfigError, RunAborted, redact, url_secrets
@@ -442,8 +442,10 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
         "sources",
         nargs="*",
         metavar="SOURCE",
-        help="image folder (recursive), image file, http(s) URL, list file (.txt, .csv, .jsonl) "
-        "or - for a list of paths/URLs on stdin (default: 'sources' of the --config file)",
+        help="image folder (recursive), image file, http(s) URL, list file (.txt, .csv, .jsonl), "
+        "object storage prefix, object or list (s3://BUCKET/PREFIX/, gs://, az://; pip install "
+        "'batchclassify[s3]') or - for a list of paths/URLs on stdin (default: 'sources' of "
+        "the --config file)",
     )
     parser.add_argument(
         "--config",
@@ -512,7 +514,8 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
         action="append",
         metavar="FILE",
         help="write results to FILE: .jsonl, .csv or .parquet (needs pyarrow) by extension, "
-        "- for JSONL on stdout (once); repeat for several outputs",
+        "- for JSONL on stdout (once), or an object (s3://BUCKET/labels.jsonl, gs://, az://: "
+        "staged locally, uploaded at checkpoints); repeat for several outputs",
     )
     io_group.add_argument(
         "--overwrite",
@@ -562,10 +565,20 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     )
     io_group.add_argument(
         "--url-mode",
-        choices=("auto", "reference", "fetch"),
+        choices=("auto", "reference", "fetch", "presign"),
         help="how URLs are sent: reference = the service fetches them "
         "(image=), fetch = downloaded here and sent inline, auto = https by "
-        "reference and everything else fetched (default auto)",
+        "reference and everything else fetched (default auto); presign = as auto, and s3:// "
+        "objects as presigned URLs the service fetches (by default objects are read here and "
+        "sent inline)",
+    )
+    io_group.add_argument(
+        "--upload-interval",
+        type=float,
+        metavar="S",
+        help="outputs in object storage (--out s3://BUCKET/labels.jsonl) are written to a local "
+        "file beside the state and uploaded every S seconds and at the end, whole each time "
+        "(default 300)",
     )
     io_group.add_argument(
         "--fetch-urls",
@@ -880,6 +893,8 @@ async def _run_job(sources: list[str], settings: RunSettings, *, scan: bool) -> 
     state = settings.job_state(outputs)
     if scan and state.path is None:
         raise ConfigError("scan needs a state file: give --out FILE or --state PATH")
+    for note in objects.staging_notes(outputs, state.path, settings.upload_interval):
+        _say(note)
     interrupts = _Interrupts(settings.shutdown_grace)
     interrupts.install()
     sinks = settings.extra_sinks()
@@ -897,6 +912,7 @@ async def _run_job(sources: list[str], settings: RunSettings, *, scan: bool) -> 
                 summary_path=settings.summary,
                 on_start=interrupts.attach,
                 other_paths=settings.other_paths(),
+                upload_interval=settings.upload_interval,
             )
         except RunAborted as exc:
             if exc.stats is not None:

@@ -132,6 +132,8 @@ class RunSettings:
     min_confidence: float | None = None
     #: ``scan`` only: seconds between scans
     interval: float | None = None
+    #: seconds between checkpoint uploads of an output in object storage (``--out s3://…``)
+    upload_interval: float = 300.0
 
     def __post_init__(self) -> None:
         _check(self.concurrency >= 1, "concurrency", "must be at least 1")
@@ -144,7 +146,11 @@ class RunSettings:
         _check(self.max_response_bytes >= 1024, "max_response_bytes", "must be at least 1024")
         _check(self.max_size is None or self.max_size >= 16, "max_size", "must be >= 16 pixels")
         _check(1 <= self.jpeg_quality <= 100, "jpeg_quality", "must be between 1 and 100")
-        _check(self.url_mode in ("auto", "reference", "fetch"), "url_mode", "auto|reference|fetch")
+        _check(
+            self.url_mode in ("auto", "reference", "fetch", "presign"),
+            "url_mode",
+            "auto|reference|fetch|presign",
+        )
         _check(self.eval is None or self.labels is not None, "eval", "needs --labels")
         _check(
             0.0 <= self.label_error_threshold <= 1.0,
@@ -183,6 +189,7 @@ class RunSettings:
         )
         _check(math.isfinite(self.shutdown_grace), "shutdown_grace", "must be finite")
         _check(self.interval is None or self.interval > 0, "interval", "must be positive")
+        _check(self.upload_interval > 0, "upload_interval", "must be positive")
         _check(
             self.organize_mode in ("link", "copy", "symlink"),
             "organize_mode",

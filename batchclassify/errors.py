@@ -54,12 +54,21 @@ _KEY_IN_QUERY = re.compile(r"(?i)(api_key=)[^&\s'\"<>]+")
 _BEARER = re.compile(r"(?i)\b(bearer\s+)[^\s'\"<>]+")
 _BASIC = re.compile(r"(?i)\b(authorization\W{0,4}basic\s+)[^\s'\"<>]+")
 _URL_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s@'\"<>]+@")
+#: what makes a presigned URL (S3 SigV2 and SigV4, GCS, an Azure SAS) a credential: its
+#: signature, the key id and session token it was signed with (``--url-mode presign``)
+#: also URL-encoded, as it is inside a classify request's ``image=`` parameter
+_SIGNED_QUERY = re.compile(
+    r"(?i)((?:[?&]|%3F|%26)(?:x-amz-signature|x-amz-credential|x-amz-security-token|signature|"
+    r"awsaccesskeyid|x-goog-signature|x-goog-credential|sig)(?:=|%3D))"
+    r"(?:[^&\s'\"<>%]|%(?!26)[0-9a-f]{2})+"
+)
 
 
 def redact(text: str, *secrets: str | None) -> str:
     """Return ``text`` with secrets removed: ``api_key=`` query values, ``Bearer`` and ``Basic``
-    credentials, the user info of URLs (``http://user:pw@host``), and every occurrence of each
-    secret given, raw or URL-encoded. A secret shorter than :data:`MIN_SECRET_LENGTH` is
+    credentials, the user info of URLs (``http://user:pw@host``), the signature and credential
+    of presigned URLs (``X-Amz-Signature=``, ``Signature=``, ``sig=`` …), and every occurrence
+    of each secret given, raw or URL-encoded. A secret shorter than :data:`MIN_SECRET_LENGTH` is
     removed only where the patterns show it: as a substring it would match ordinary words."""
     for secret in secrets:
         if secret and len(secret) >= MIN_SECRET_LENGTH:
@@ -70,6 +79,7 @@ def redact(text: str, *secrets: str | None) -> str:
     text = _KEY_IN_QUERY.sub(r"\1" + REDACTED, text)
     text = _BEARER.sub(r"\1" + REDACTED, text)
     text = _BASIC.sub(r"\1" + REDACTED, text)
+    text = _SIGNED_QUERY.sub(r"\1" + REDACTED, text)
     return _URL_USERINFO.sub(r"\1" + REDACTED + "@", text)
 
 

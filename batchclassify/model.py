@@ -12,19 +12,31 @@ from typing import Any, Literal
 from batchclassify.errors import ConfigError
 from batchclassify.text import raw_name, valid_unicode
 
-__all__ = ["ErrorInfo", "Item", "Result", "Status", "read_results", "record_json"]
+__all__ = ["ErrorInfo", "Item", "ObjectRef", "Result", "Status", "read_results", "record_json"]
 
 Status = Literal["ok", "error"]
 
 
 @dataclass(frozen=True, slots=True)
+class ObjectRef:
+    """An object in object storage (``s3://bucket/key``), as listed: its URL and what
+    identifies this version of it (see :mod:`batchclassify.objects`). ``etag`` is ``None``
+    only when the store gives no such tag (the size and modification time stand in)."""
+
+    url: str
+    etag: str | None = None
+    version_id: str | None = None
+    size: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Item:
-    """One input to classify: a local file, or a URL.
+    """One input to classify: a local file, a URL, or an object in object storage.
 
     ``source`` is the input exactly as the user gave it (a list's line, a path found in a
     folder, a URL), so results can be joined back to the input; ``path`` is the file it names
-    (a list's relative entries resolved against the list's folder). Exactly one of ``path``
-    and ``url`` is set, unless the item is already known to be broken, in which case
+    (a list's relative entries resolved against the list's folder). Exactly one of ``path``,
+    ``url`` and ``obj`` is set, unless the item is already known to be broken, in which case
     ``problem`` says why and no request is made for it. ``columns`` carries the list's other
     columns asked for with ``--keep-columns``.
     """
@@ -36,6 +48,8 @@ class Item:
     #: stable identity for the state store (see :func:`batchclassify.state.item_key`)
     key: str | None = None
     columns: dict[str, Any] | None = None
+    #: an object in a bucket (``s3://…``): read through fsspec, see :mod:`batchclassify.objects`
+    obj: ObjectRef | None = None
 
     def with_key(self, key: str) -> Item:
         return replace(self, key=key)

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Protocol, TextIO, TypeVar
 
+from batchclassify import objects
 from batchclassify.client import ClassifyClient, ClientOptions
 from batchclassify.dedup import ContentDedup, StoredAnswers
 from batchclassify.errors import (
@@ -67,7 +68,7 @@ __all__ = [
 
 log = logging.getLogger("batchclassify")
 
-UrlMode = Literal["auto", "reference", "fetch"]
+UrlMode = Literal["auto", "reference", "fetch", "presign"]
 _T = TypeVar("_T")
 #: largest image downloaded when no upload limit bounds it (``--max-size`` shrinks it after)
 _DOWNLOAD_LIMIT = 512 * 1024 * 1024
@@ -88,7 +89,8 @@ class PipelineOptions:
     sources: SourceOptions = field(default_factory=SourceOptions)
     prepare: PrepareOptions = field(default_factory=PrepareOptions)
     throttle: ThrottleOptions = field(default_factory=ThrottleOptions)
-    #: ``auto``: https URLs by reference (the service fetches them), http ones downloaded here
+    #: ``auto``: https URLs by reference (the service fetches them), http ones downloaded here;
+    #: ``presign``: as ``auto``, and S3 objects by presigned URL instead of their bytes
     url_mode: UrlMode = "auto"
     #: bound of each queue; defaults to twice the concurrency
     queue_size: int | None = None
@@ -367,7 +369,17 @@ class Pipeline:
         loop = asyncio.get_running_loop()
         prepare = self.options.prepare
         try:
-            if item.url is not None and self._by_reference(item.url):
+            if item.obj is not None:
+                # An object in a bucket (objects.py): its bytes, read on fsspec's event loop
+                # and sent inline; or, with --url-mode presign, a presigned URL by reference.
+                if self.options.url_mode != "presign":
+                    raw = await objects.read_object(item.obj, max_bytes=self._download_limit())
+                    payload = await loop.run_in_executor(
+                        executor, _bytes_payload, raw, item.source, prepare
+                    )
+                    return await self._classify_payload(item, payload)
+                item = dataclasses.replace(item, url=await objects.presign(item.obj))
+            if item.url is not None and (item.obj is not None or self._by_reference(item.url)):
                 started = time.perf_counter()
                 try:
                     response = await client.classify(image_url=item.url)
@@ -430,7 +442,15 @@ class Pipeline:
 
     def _by_reference(self, url: str) -> bool:
         mode = self.options.url_mode
-        return mode == "reference" or (mode == "auto" and url.lower().startswith("https://"))
+        https = url.lower().startswith("https://")
+        return mode == "reference" or (mode in ("auto", "presign") and https)
+
+    def _download_limit(self) -> int:
+        """The largest object read (as for URLs: the upload limit, unless --max-size may
+        shrink a larger original)."""
+        prepare = self.options.prepare
+        limit = prepare.max_upload_bytes
+        return _DOWNLOAD_LIMIT if limit is None or prepare.max_size is not None else limit
 
     async def _fetch_payload(
         self, url: str, executor: ThreadPoolExecutor, *, spent: int = 0

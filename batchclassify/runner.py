@@ -29,6 +29,7 @@ from typing import Any, TextIO
 
 from tqdm import tqdm
 
+from batchclassify import objects
 from batchclassify.errors import ConfigError, RunAborted, without_userinfo
 from batchclassify.model import Item, Result
 from batchclassify.paths import PlannedPath, check_paths, state_companions
@@ -88,6 +89,7 @@ async def run(
     stdin: TextIO | None = None,
     on_start: Callable[[RunningPipeline], None] | None = None,
     other_paths: Sequence[PlannedPath] = (),
+    upload_interval: float = objects.DEFAULT_UPLOAD_INTERVAL,
 ) -> RunStats:
     """Classify every input of ``specs`` and write each result once to every output.
 
@@ -97,17 +99,33 @@ async def run(
     statistics; raises :class:`~batchclassify.errors.RunAborted` (after flushing everything;
     ``.stats`` holds the statistics) when a fatal error stopped the run, or when the closing
     check finds an input unaccounted for or an output short of a row. ``on_start`` receives the
-    pipeline, so a signal handler can ``stop()`` it.
+    pipeline, so a signal handler can ``stop()`` it. An output in object storage
+    (``s3://…``) is written to a local staging file, uploaded every ``upload_interval`` seconds
+    and at the end (:mod:`batchclassify.objects`).
     """
     state = state or JobState()
     summary = Path(summary_path) if summary_path is not None else None
     check_sources(specs)
+    # Object outputs become local staging files from here on; uploads wrap their sinks below.
+    outputs, staged = objects.stage_outputs(
+        outputs, state.path, overwrite=overwrite, resume=state.resume
+    )
     _check_planned_paths(outputs, state, summary, other_paths, overwrite=overwrite)
     writer: _Writer | None = None
     try:
         async with contextlib.AsyncExitStack() as stack:
             writer = await _start_and_drain(
-                stack, specs, options, outputs, sinks, overwrite, state, progress, stdin, on_start
+                stack,
+                specs,
+                options,
+                outputs,
+                sinks,
+                overwrite,
+                state,
+                progress,
+                stdin,
+                on_start,
+                lambda opened: objects.uploading_sinks(opened, staged, upload_interval),
             )
     except RunAborted as exc:
         if writer is None:
@@ -137,6 +155,7 @@ async def _start_and_drain(
     progress: bool,
     stdin: TextIO | None,
     on_start: Callable[[RunningPipeline], None] | None,
+    wrap: Callable[[list[Sink]], list[Sink]] = list,
 ) -> _Writer:
     store = _open_state(state, options, outputs, overwrite=overwrite, stack=stack)
     resuming = store is not None and state.resume
@@ -149,6 +168,7 @@ async def _start_and_drain(
         opened = await _caught_up_sinks(store, outputs, rebuild=forgotten > 0, columns=columns)
     else:
         opened = await open_sinks(outputs, overwrite=overwrite, columns=columns)
+    opened = wrap(opened)
     for sink in opened:
         stack.push_async_callback(sink.aclose)
     writer = _Writer([*sinks, *opened], store)

@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, TextIO
 from urllib.parse import urlsplit
 
+from batchclassify import objects
 from batchclassify.errors import ConfigError
 from batchclassify.model import Item
 from batchclassify.text import valid_unicode
@@ -96,6 +97,13 @@ def iter_items(
     ``stdin`` replaces the process's stdin for the spec ``-``; it is read as text, as it is.
     """
     options = options or SourceOptions()
+    # Objects named one by one in lists are looked up (their ETag) in batches: objects.py.
+    yield from objects.with_identities(_iter_specs(specs, options, stdin))
+
+
+def _iter_specs(
+    specs: Iterable[str], options: SourceOptions, stdin: TextIO | None
+) -> Iterator[Item]:
     keep = options.keep_columns
     for spec in specs:
         for item in _iter_spec(spec, options, stdin):
@@ -110,6 +118,9 @@ def check_sources(specs: Iterable[str]) -> None:
     (``photoz/``) is a usage error, not one error row after a "successful" run. Entries of a
     list stay error rows; URLs and ``-`` are not checked here."""
     for spec in specs:
+        if objects.is_object_url(spec):
+            objects.check_source(spec)  # a missing bucket or object, no credentials
+            continue
         if spec == STDIN or _SCHEME.match(spec) or _text_problem(spec) is not None:
             continue
         path = Path(os.path.expanduser(spec))
@@ -179,6 +190,15 @@ def _iter_spec(spec: str, options: SourceOptions, stdin: TextIO | None) -> Itera
     if problem is not None:
         yield Item(source=_printable(spec), problem=f"input name {problem}")
         return
+    if objects.is_object_url(spec):
+        # Object storage (objects.py): a list file kept in a bucket, a prefix or one object.
+        if objects.names_list_file(spec):
+            yield from _iter_object_list(spec, options)
+        else:
+            yield from objects.iter_objects(
+                spec, options.extensions, include_hidden=options.include_hidden
+            )
+        return
     if _SCHEME.match(spec):
         yield _url_item(spec)
         return
@@ -219,20 +239,26 @@ def _url_item(url: str) -> Item:
 
 
 def _entry_item(
-    value: str, where: str, base: Path, columns: dict[str, Any] | None = None
+    value: str, where: str, base: Path | str, columns: dict[str, Any] | None = None
 ) -> Item:
     """An entry of a list (stripped, not blank): a URL, or a path relative to the list's folder.
     The item's ``source`` is the entry as written, so results join back to the list.
 
     ``where`` (``LIST:LINE``) is the source of the problem item when ``value`` breaks the contract.
+    ``base`` is a ``str`` (an object URL prefix) for a list kept in object storage: its relative
+    entries name objects beside it.
     """
     problem = _text_problem(value)
     if problem is not None:
         return Item(source=where, problem=f"list entry {problem}", columns=columns)
+    if objects.is_object_url(value) or (
+        isinstance(base, str) and not _SCHEME.match(value) and not os.path.isabs(value)
+    ):
+        return objects.entry_item(value, base if isinstance(base, str) else None, where, columns)
     if _SCHEME.match(value):
         return replace(_url_item(value), columns=columns)
     path = Path(os.path.expanduser(value))
-    if not path.is_absolute():
+    if not path.is_absolute() and isinstance(base, Path):
         path = base / path
     return Item(source=value, path=path, columns=columns)
 
@@ -343,20 +369,35 @@ def _iter_stdin(stdin: TextIO | None) -> Iterator[Item]:
 
 
 def _iter_list_file(path: Path, options: SourceOptions) -> Iterator[Item]:
-    suffix = path.suffix.lower()
     try:
         with _decoded(path.open("rb")) as handle:
-            if suffix == ".csv":
-                yield from _iter_csv(handle, path, options)
-            elif suffix in (".jsonl", ".ndjson"):
-                yield from _iter_jsonl(handle, path, options)
-            else:
-                yield from _iter_text_lines(handle, path.parent, str(path))
+            yield from _iter_list(handle, path.suffix.lower(), str(path), path.parent, options)
     except OSError as exc:
         yield Item(source=str(path), problem=f"cannot read list file: {exc.strerror or exc}")
 
 
-def _iter_text_lines(handle: TextIO, base: Path, name: str) -> Iterator[Item]:
+def _iter_object_list(url: str, options: SourceOptions) -> Iterator[Item]:
+    """A list file kept in object storage; relative entries name objects beside it."""
+    suffix = os.path.splitext(url)[1].lower()
+    try:
+        with _decoded(objects.open_object(url)) as handle:  # type: ignore[arg-type]
+            yield from _iter_list(handle, suffix, url, objects.list_base(url), options)
+    except OSError as exc:
+        yield Item(source=url, problem=f"cannot read list file: {exc.strerror or exc}")
+
+
+def _iter_list(
+    handle: TextIO, suffix: str, name: str, base: Path | str, options: SourceOptions
+) -> Iterator[Item]:
+    if suffix == ".csv":
+        yield from _iter_csv(handle, name, base, options)
+    elif suffix in (".jsonl", ".ndjson"):
+        yield from _iter_jsonl(handle, name, base, options)
+    else:
+        yield from _iter_text_lines(handle, base, name)
+
+
+def _iter_text_lines(handle: TextIO, base: Path | str, name: str) -> Iterator[Item]:
     for number, line, whole in _read_lines(handle):
         value = line.strip()
         if value.startswith("#") or (whole and not value):  # a cut line is never blank
@@ -393,7 +434,7 @@ class _CsvLines:
         return "\n"
 
 
-def _csv_records(handle: TextIO, path: Path) -> Iterator[tuple[str, list[str] | str]]:
+def _csv_records(handle: TextIO, path: str) -> Iterator[tuple[str, list[str] | str]]:
     """``(LIST:LINE, row)`` for each CSV record, LINE being where the record starts; a record
     that cannot be read comes with the reason (a ``str``) instead of its row."""
     lines = _CsvLines(handle)
@@ -420,7 +461,9 @@ def _csv_records(handle: TextIO, path: Path) -> Iterator[tuple[str, list[str] | 
         yield where, row
 
 
-def _iter_csv(handle: TextIO, path: Path, options: SourceOptions) -> Iterator[Item]:
+def _iter_csv(
+    handle: TextIO, path: str, base: Path | str, options: SourceOptions
+) -> Iterator[Item]:
     records = _csv_records(handle, path)
     first = next(records, None)
     if first is None:
@@ -432,7 +475,7 @@ def _iter_csv(handle: TextIO, path: Path, options: SourceOptions) -> Iterator[It
     names = [name.strip() for name in header]
     column = _pick_column(names, options.column)
     if column is None:
-        yield Item(source=str(path), problem=_missing_column_message(path, names, options))
+        yield Item(source=path, problem=_missing_column_message(names, options))
         return
     index = names.index(column)
     for where, row in records:
@@ -446,10 +489,12 @@ def _iter_csv(handle: TextIO, path: Path, options: SourceOptions) -> Iterator[It
         if not value:
             yield Item(source=where, problem=f"empty {column!r} field", columns=kept)
             continue
-        yield _entry_item(value, where, path.parent, kept)
+        yield _entry_item(value, where, base, kept)
 
 
-def _iter_jsonl(handle: TextIO, path: Path, options: SourceOptions) -> Iterator[Item]:
+def _iter_jsonl(
+    handle: TextIO, path: str, base: Path | str, options: SourceOptions
+) -> Iterator[Item]:
     for number, line, whole in _read_lines(handle):
         text = line.strip()
         if whole and not text:  # a cut line is never blank
@@ -466,10 +511,10 @@ def _iter_jsonl(handle: TextIO, path: Path, options: SourceOptions) -> Iterator[
         except (ValueError, RecursionError) as exc:  # a 5000-digit number, [[[[... nested deep
             yield Item(source=where, problem=f"malformed JSON: {exc}")
             continue
-        yield _jsonl_item(record, where, path, options)
+        yield _jsonl_item(record, where, base, options)
 
 
-def _jsonl_item(record: object, where: str, path: Path, options: SourceOptions) -> Item:
+def _jsonl_item(record: object, where: str, base: Path | str, options: SourceOptions) -> Item:
     """The item for one parsed JSONL line: a bare string, or an object with the path/URL field."""
     fields = record if isinstance(record, dict) else {}
     kept = _kept(options.keep_columns, fields.get)
@@ -478,7 +523,7 @@ def _jsonl_item(record: object, where: str, path: Path, options: SourceOptions) 
     elif isinstance(record, dict):
         column = _pick_column(list(record), options.column)
         if column is None:
-            problem = _missing_column_message(path, list(record), options)
+            problem = _missing_column_message(list(record), options)
             return Item(source=where, problem=problem, columns=kept)
         value = record[column]
         if not isinstance(value, str):
@@ -494,7 +539,7 @@ def _jsonl_item(record: object, where: str, path: Path, options: SourceOptions) 
         return Item(source=where, problem="expected a JSON object or string")
     if not value.strip():
         return Item(source=where, problem=f"empty {what}", columns=kept)
-    return _entry_item(value.strip(), where, path.parent, kept)
+    return _entry_item(value.strip(), where, base, kept)
 
 
 def _kept(keep: tuple[str, ...], lookup: Callable[[str], Any]) -> dict[str, Any] | None:
@@ -530,7 +575,7 @@ def _pick_column(names: list[str], wanted: str | None) -> str | None:
     return None
 
 
-def _missing_column_message(path: Path, names: list[str], options: SourceOptions) -> str:
+def _missing_column_message(names: list[str], options: SourceOptions) -> str:
     wanted = repr(options.column) if options.column else " / ".join(map(repr, DEFAULT_COLUMNS))
     found = ", ".join(map(repr, names[:10])) or "none"
     return f"no {wanted} field (found: {found}); name the field with --column"

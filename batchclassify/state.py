@@ -7,7 +7,8 @@ default. It is the source of truth; output files are views of it that may lag be
     meta(name, value)                                 what the state belongs to (model, endpoint)
 
 ``key`` identifies an input: a file's resolved path, size and mtime (so a changed file is new),
-a URL itself. ``final`` is 0 for rows worth another try (timeouts, 429/5xx …) and 1 otherwise.
+a URL itself, an object's URL, ETag and version id. ``final`` is 0 for rows worth another try
+(timeouts, 429/5xx …) and 1 otherwise.
 ``record`` is the JSONL record; the CSV row and the dedup answer are rebuilt from it.
 
 The write order that makes outputs exactly-once is described in ARCHITECTURE.md: results are
@@ -28,6 +29,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from batchclassify import objects
 from batchclassify.errors import ConfigError, RunAborted
 from batchclassify.model import Item, Result, record_json
 
@@ -63,6 +65,8 @@ _RETRYABLE_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
 def default_state_path(outputs: Iterable[str]) -> Path | None:
     """``results.jsonl`` -> ``results.jsonl.state``: beside the first file output."""
     for output in outputs:
+        if objects.is_object_url(output):
+            return objects.default_state_path(output)  # SQLite needs a local disk
         if output != "-":
             return Path(output).with_name(Path(output).name + ".state")
     return None
@@ -90,6 +94,9 @@ def _row(result: Result) -> tuple[str, int, str | None, str]:
 
 def item_key(item: Item) -> str:
     """The stable identity of an input (see the module docstring)."""
+    if item.obj is not None:
+        # URL + ETag (+ version id): a rewritten object is a new input (objects.py).
+        return _key_text(objects.object_key(item.obj))
     if item.url is not None:
         return f"url:{_key_text(item.url)}"
     if item.path is None:
