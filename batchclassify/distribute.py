@@ -290,8 +290,13 @@ def run_command(
     exit code (0, 1 with failed rows, 130 interrupted); raises :class:`ConfigError` and
     :class:`RunAborted` like an ordinary run."""
     plan = plan_job(sources, settings, options)
+    address = options.address or os.environ.get("RAY_ADDRESS") or None
+    if address not in (None, "auto", "local"):
+        # ray.init would retry an address nobody answers at for minutes: say so at once.
+        assert address is not None
+        check_reachable(address)
     ray = import_ray()
-    started_here = connect(ray, options.address)
+    started_here = connect(ray, address)
     try:
         return _drive(ray, plan, say)
     finally:
@@ -308,15 +313,10 @@ def import_ray() -> Any:
 
 
 def connect(ray: Any, address: str | None) -> bool:
-    """Join the cluster at ``address`` (``None``: ``RAY_ADDRESS`` or a new local instance);
-    returns whether this call connected (and so must disconnect). An address nobody answers
-    at is refused at once: ``ray.init`` would retry it for minutes."""
+    """Join the cluster at ``address`` (``None``: a new local instance), unless this process
+    is connected already; returns whether this call connected (and so must disconnect)."""
     if ray.is_initialized():
         return False
-    address = address or os.environ.get("RAY_ADDRESS") or None
-    if address not in (None, "auto", "local"):
-        assert address is not None
-        _check_reachable(address)
     try:
         ray.init(address=address, logging_level=logging.WARNING)
     except (ConnectionError, TimeoutError, RuntimeError) as exc:
@@ -324,7 +324,8 @@ def connect(ray: Any, address: str | None) -> bool:
     return True
 
 
-def _check_reachable(address: str) -> None:
+def check_reachable(address: str) -> None:
+    """Refuse an address with no TCP listener (or not HOST:PORT) before Ray tries it."""
     parsed = urlsplit(address if "://" in address else f"ray-gcs://{address}")
     try:
         host, port = parsed.hostname, parsed.port
@@ -349,21 +350,69 @@ def _drive(ray: Any, plan: JobPlan, say: Callable[[str], None]) -> int:
     started = time.monotonic()
     shards = plan.resumed_shards or plan.options.shards or _cluster_cpus(ray)
     _prepare_parts_dir(plan, shards)
+    reports, to_run = _finished_earlier(plan, shards)
+    if reports:
+        say(f"{len(reports)} of {shards} shards are complete from an earlier run")
+    try:
+        reports.update(_run_shards(ray, plan, shards, to_run, say))
+        stats = merged_stats([reports[index] for index in range(shards)], started)
+        stopped = [reports[index] for index in range(shards) if reports[index].aborted]
+        if stopped:
+            say(stats.format())
+            _write_summary(plan, {**stats.to_dict(), "shards": shards})
+            first = stopped[0]
+            raise RunAborted(
+                f"{len(stopped)} of {shards} shards did not finish (shard {first.index}: "
+                f"{first.aborted}). Nothing was merged; the finished shards are kept: run the "
+                "same command with --resume to continue"
+            )
+        parts = [
+            Part(ShardFiles.of(plan.parts_dir, index, shards).part, (index, shards), report.rows)
+            for index, report in sorted(reports.items())
+        ]
+        columns = (*plan.settings.keep_columns, *(LABEL_COLUMNS if plan.settings.labels else ()))
+        rows = asyncio.run(merge_parts(parts, plan.outputs, columns=columns))
+    except KeyboardInterrupt:
+        say(
+            "interrupted: finished shards are kept; run the same command with --resume to "
+            "continue where it stopped"
+        )
+        return 130
+    stats.finished = time.monotonic()
+    say(stats.format())
+    say(f"{shards} shards merged: {rows} rows in {', '.join(plan.outputs)}")
+    _write_summary(plan, {**stats.to_dict(), "shards": shards, "rows": rows})
+    return 0 if stats.failed == 0 else 1
+
+
+def _finished_earlier(
+    plan: JobPlan, shards: int
+) -> tuple[dict[int, ShardReport], list[tuple[int, bool]]]:
+    """Shards whose parts an earlier run completed (kept as they are), and the shards to run,
+    each with whether its complete part is run again for failures worth another try."""
     reports: dict[int, ShardReport] = {}
     to_run: list[tuple[int, bool]] = []
     for index in range(shards):
         files = ShardFiles.of(plan.parts_dir, index, shards)
-        if plan.settings.resume and files.part.exists():
-            rows, retryable = _state_counts(files.state, all_failures=plan.settings.retry_failed)
-            if rows is not None and not retryable:
-                reports[index] = ShardReport(index=index, rows=rows, reused=True)
-                continue
-            to_run.append((index, True))  # its failures are worth another try
-        else:
+        if not (plan.settings.resume and files.part.exists()):
             to_run.append((index, False))
-    if reports:
-        say(f"{len(reports)} of {shards} shards are complete from an earlier run")
-    rate = _shard_rate(plan.settings.rate, shards, _cluster_cpus(ray))
+            continue
+        rows, retryable = _state_counts(files.state, all_failures=plan.settings.retry_failed)
+        if rows is not None and not retryable:
+            reports[index] = ShardReport(index=index, rows=rows, reused=True)
+        else:
+            to_run.append((index, True))
+    return reports, to_run
+
+
+def _run_shards(
+    ray: Any,
+    plan: JobPlan,
+    shards: int,
+    to_run: Sequence[tuple[int, bool]],
+    say: Callable[[str], None],
+) -> dict[int, ShardReport]:
+    """Submit a task per shard and wait for them all; Ctrl-C cancels those still running."""
     task = ray.remote(run_shard).options(
         num_cpus=1,
         max_retries=plan.options.max_retries,
@@ -371,6 +420,7 @@ def _drive(ray: Any, plan: JobPlan, say: Callable[[str], None]) -> int:
         # returns: running it again would fail the same way. Ray retries lost workers only.
         retry_exceptions=False,
     )
+    rate = _shard_rate(plan.settings.rate, shards, _cluster_cpus(ray))
     secret = _Secret(plan.api_key)
     pending: dict[Any, int] = {}
     for index, rerun in to_run:
@@ -386,48 +436,30 @@ def _drive(ray: Any, plan: JobPlan, say: Callable[[str], None]) -> int:
         pending[task.remote(shard_plan, secret)] = index
     if pending:
         say(f"running {len(pending)} of {shards} shards on Ray")
+    reports: dict[int, ShardReport] = {}
     try:
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
             for ref in done:
                 index = pending.pop(ref)
-                report = _collect(ray, ref, index)
-                reports[index] = report
+                reports[index] = report = _collect(ray, ref, index)
                 say(f"shard {index}/{shards}: {report.describe()}")
     except KeyboardInterrupt:
         for ref in pending:
             with contextlib.suppress(Exception):
                 ray.cancel(ref, force=True)
-        say(
-            "interrupted: finished shards are kept; run the same command with --resume to "
-            "continue where it stopped"
-        )
-        return 130
-    stats = merged_stats([reports[index] for index in range(shards)], started)
-    stopped = [reports[index] for index in range(shards) if reports[index].aborted is not None]
-    if stopped:
-        say(stats.format())
-        first = stopped[0]
-        raise RunAborted(
-            f"{len(stopped)} of {shards} shards did not finish (shard {first.index}: "
-            f"{first.aborted}). Nothing was merged; the finished shards are kept: run the same "
-            "command with --resume to continue"
-        )
-    parts = [
-        Part(
-            ShardFiles.of(plan.parts_dir, index, shards).part, (index, shards), reports[index].rows
-        )
-        for index in range(shards)
-    ]
-    columns = (*plan.settings.keep_columns, *(LABEL_COLUMNS if plan.settings.labels else ()))
-    rows = asyncio.run(merge_parts(parts, plan.outputs, columns=columns))
-    stats.finished = time.monotonic()
-    say(stats.format())
-    say(f"{shards} shards merged: {rows} rows in {', '.join(plan.outputs)}")
-    if plan.settings.summary is not None:
-        summary = {**stats.to_dict(), "shards": shards, "rows": rows}
-        Path(plan.settings.summary).write_text(json.dumps(summary, indent=2) + "\n", "utf-8")
-    return 0 if stats.failed == 0 else 1
+        raise
+    return reports
+
+
+def _write_summary(plan: JobPlan, summary: dict[str, Any]) -> None:
+    if plan.settings.summary is None:
+        return
+    path = Path(plan.settings.summary)
+    try:
+        path.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    except OSError as exc:
+        raise RunAborted(f"cannot write the summary {str(path)!r}: {exc.strerror}") from None
 
 
 def _prepare_parts_dir(plan: JobPlan, shards: int) -> None:

@@ -55,6 +55,17 @@ def images(folder: Path, count: int) -> list[str]:
     return [str(make_image(folder / f"{n:03d}.jpg", seed=n, size=(32, 24))) for n in range(count)]
 
 
+def listed(root: Path, count: int) -> tuple[Path, list[str]]:
+    """``count`` images and a list naming them relative to the list (``in/000.jpg``): the
+    shard of an input is hashed from it as listed, so every shard's size is the same on every
+    run (none is empty for the counts used here)."""
+    images(root / "in", count)
+    entries = [f"in/{n:03d}.jpg" for n in range(count)]
+    listing = root / "inputs.txt"
+    listing.write_text("\n".join(entries) + "\n")
+    return listing, entries
+
+
 async def cli(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
     return await run_cli(*args, env={"ROBOFLOW_API_KEY": "", **(env or {})}, timeout=180)
 
@@ -281,8 +292,8 @@ def slow_emulator() -> Iterator[str]:
         emulator.stop()
 
 
-def ray_run(folder: Path, url: str, address: str, *outputs: Path) -> list[str]:
-    args = ["run", str(folder), *MODEL, "--endpoint", url, "--concurrency", "2"]
+def ray_run(listing: Path, url: str, address: str, *outputs: Path) -> list[str]:
+    args = ["run", str(listing), *MODEL, "--endpoint", url, "--concurrency", "2"]
     for output in outputs:
         args += ["--out", str(output)]
     return [*args, "--distributor", "ray", "--shards", "4", "--ray-address", address]
@@ -323,10 +334,10 @@ async def test_four_shards_one_worker_killed_every_input_once(
     tmp_path: Path, ray_cluster: tuple[str, Path], slow_emulator: str
 ) -> None:
     address, ray_folder = ray_cluster
-    files = images(tmp_path / "in", 80)
+    listing, files = listed(tmp_path, 80)
     out, table = tmp_path / "labels.jsonl", tmp_path / "labels.csv"
     process = await start_cli(
-        *ray_run(tmp_path / "in", slow_emulator, address, out, table),
+        *ray_run(listing, slow_emulator, address, out, table),
         env={"ROBOFLOW_API_KEY": KEY},
     )
     parts = tmp_path / "labels.jsonl.parts"
@@ -355,7 +366,7 @@ async def test_four_shards_one_worker_killed_every_input_once(
     # has its row in the shard's state, and the part holds exactly the state's rows.
     for index in range(4):
         settings = RunSettings(
-            sources=(str(tmp_path / "in"),),
+            sources=(str(listing),),
             model="demo/1",
             out=(str(parts / f"shard-{index:05d}-of-00004.jsonl"),),
             state=str(parts / f"shard-{index:05d}-of-00004.state"),
@@ -372,9 +383,9 @@ async def test_a_stopped_job_resumes_and_reuses_finished_parts(
     tmp_path: Path, ray_cluster: tuple[str, Path], slow_emulator: str
 ) -> None:
     address, _ = ray_cluster
-    files = images(tmp_path / "in", 24)
+    listing, files = listed(tmp_path, 24)
     out, table = tmp_path / "labels.jsonl", tmp_path / "labels.csv"
-    command = ray_run(tmp_path / "in", slow_emulator, address, out, table)
+    command = ray_run(listing, slow_emulator, address, out, table)
     # A wrong key: every shard stops at its first answer (401), and nothing is merged.
     code, _, stderr = await cli(*command, env={"ROBOFLOW_API_KEY": "not-the-key-0000"})
     assert code == 2, stderr
@@ -406,10 +417,10 @@ async def test_emulated_run_on_ray_picks_one_shard_per_cpu(
     tmp_path: Path, ray_cluster: tuple[str, Path]
 ) -> None:
     address, _ = ray_cluster
-    files = images(tmp_path / "in", 20)
+    listing, files = listed(tmp_path, 20)
     out = tmp_path / "labels.jsonl"
     summary = tmp_path / "summary.json"
-    args = ["run", str(tmp_path / "in"), *MODEL, "--emulate", "--out", str(out)]
+    args = ["run", str(listing), *MODEL, "--emulate", "--out", str(out)]
     code, _, stderr = await cli(
         *args, "--summary", str(summary), "--distributor", "ray", "--ray-address", address
     )
