@@ -430,3 +430,31 @@ async def test_emulated_run_on_ray_picks_one_shard_per_cpu(
     data: dict[str, Any] = json.loads(summary.read_text())
     assert data["total"] == data["ok"] == len(files) and data["shards"] == 4
     assert data["requests_sent"] == len(files)
+
+
+@pytest.mark.ray
+async def test_resume_tries_transient_failures_of_finished_parts_again(
+    tmp_path: Path, ray_cluster: tuple[str, Path]
+) -> None:
+    address, _ = ray_cluster
+    emulator = EmulatorProcess("--fail-status", "500:0.3", "--seed", "3", "--models", "demo/1")
+    try:
+        listing, files = listed(tmp_path, 24)
+        out, table = tmp_path / "labels.jsonl", tmp_path / "labels.csv"
+        command = [*ray_run(listing, emulator.url, address, out, table), "--retries", "1"]
+        code, _, stderr = await cli(*command, env={"ROBOFLOW_API_KEY": KEY})
+        failed = [r["source"] for r in read_jsonl(out) if r["status"] != "ok"]
+        assert code == 1 and failed, stderr  # some 500s, kept as rows: the job is merged
+        for _ in range(8):  # each resume retries the failed rows of the complete parts
+            code, _, stderr = await cli(*command, "--resume", env={"ROBOFLOW_API_KEY": KEY})
+            records = read_jsonl(out)
+            assert sorted(record["source"] for record in records) == sorted(files), stderr
+            assert sorted(row["source"] for row in read_csv(table)) == sorted(files)
+            now_failed = [r["source"] for r in records if r["status"] != "ok"]
+            assert set(now_failed) <= set(failed)
+            failed = now_failed
+            if not failed:
+                break
+        assert code == 0 and not failed, stderr
+    finally:
+        emulator.stop()
