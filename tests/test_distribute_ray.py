@@ -375,6 +375,8 @@ async def test_four_shards_one_worker_killed_every_input_once(
         report = verify(settings)
         assert report.complete, report.lines
     assert not any(working_part(parts, index).exists() for index in range(4))
+    # Ray's own logs too (its runtime-env agent logs env_vars: the key is not passed there).
+    assert any(path.name == "runtime_env_agent.log" for path in ray_folder.rglob("*.log"))
     assert_key_nowhere(parts, tmp_path, ray_folder, texts=(stdout.decode(), stderr))
 
 
