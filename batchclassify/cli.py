@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from batchclassify import __version__, emulator, evaluate, objects, report, verify
+from batchclassify import __version__, distribute, emulator, evaluate, objects, report, verify
 from batchclassify.client import CONFIDENCE_KEYWORDS
 from batchclassify.config import ResolvedSettings, RunSettings, format_settings, resolve_settings
 from batchclassify.errors import ConfigError, RunAborted, redact, url_secrets
@@ -162,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_run_arguments(run_parser)
+    distribute.add_arguments(run_parser)  # --distributor ray: distribute.py
 
     scan_parser = commands.add_parser(
         "scan",
@@ -857,6 +858,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ConfigError("stdin cannot hold both the key (--api-key-file -) and the inputs")
         if args.command == "verify":
             return verify.verify_command(settings, say=_say)
+        # run --distributor ray: the job runs as shards on a Ray cluster (distribute.py)
+        distributed = distribute.options_from_args(args)
+        if distributed is not None:
+            return distribute.run_command(settings.sources, settings, distributed, say=_say)
         if args.command == "scan":
             settings = settings.updated(resume=True)
         sources = list(settings.sources)

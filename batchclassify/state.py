@@ -338,6 +338,15 @@ class StateReader:
         ).fetchone()
         return Result.from_dict(json.loads(row[0])) if row else None
 
+    def retryable(self, *, all_failures: bool) -> int:
+        """Rows a resumed run would try again (see :meth:`StateStore.forget_retryable`)."""
+        query = (
+            "SELECT count(*) FROM results WHERE json_extract(record, '$.status') != 'ok'"
+            if all_failures
+            else "SELECT count(*) FROM results WHERE final = 0"
+        )
+        return int(self._db.execute(query).fetchone()[0])
+
     def record_texts(self) -> Iterator[str]:
         """Every stored record as its JSON text, in commit order."""
         for (record,) in self._db.execute("SELECT record FROM results ORDER BY seq"):

@@ -27,6 +27,11 @@ class LatencyHistogram:
         self._buckets[int(math.log(max(milliseconds, 0.01)) / self._BASE)] += 1
         self.count += 1
 
+    def merge(self, other: LatencyHistogram) -> None:
+        """Add ``other``'s samples (the shards of a distributed run, one summary)."""
+        self._buckets.update(other._buckets)
+        self.count += other.count
+
     def percentile(self, q: float) -> float | None:
         if not self.count:
             return None
