@@ -12,7 +12,7 @@ import os
 import re
 import socket
 import zlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, NoReturn
@@ -41,7 +41,7 @@ from batchclassify.errors import (
     url_secrets,
     without_userinfo,
 )
-from batchclassify.response import Answer, parse_answer, snippet
+from batchclassify.response import Answer, parse_answer, parse_answers, snippet
 from batchclassify.retry import (
     RetryPolicy,
     error_for_status,
@@ -77,6 +77,8 @@ _ERROR_BODY_LIMIT = 64 * 1024
 DEFAULT_MAX_RESPONSE_BYTES = 8 * 1024 * 1024
 #: refused connections or web pages, before any answer, that make the endpoint look wrong
 _STRIKES_BEFORE_GIVING_UP = 3
+#: the self-hosted JSON route that takes a list of images (``--batch-size``)
+BATCH_ROUTE = "/infer/classification"
 #: redirects followed when downloading an image (never on classify requests)
 _MAX_DOWNLOAD_REDIRECTS = 5
 
@@ -432,6 +434,114 @@ class ClassifyClient:
             raise ItemRejectedError(f"invalid URL: {self.redact(url)}", http_status=None) from None
         except aiohttp.ClientError as exc:
             raise TransportError(self._describe(exc)) from None
+
+    # --- the self-hosted batch route --------------------------------------------------------
+
+    async def classify_batch(self, images: Sequence[bytes]) -> tuple[list[Answer], int]:
+        """Classify base64-encoded ``images`` in one request to a self-hosted server's JSON
+        route (``POST /infer/classification``, PROTOCOL.md); returns the answers in order and
+        the attempts it took. Retries transient failures like :meth:`classify`. One bad image
+        fails the whole request with a 400 (:class:`ItemRejectedError`): the caller splits
+        the batch to find it."""
+        body = self._batch_body(images)
+        try:
+            answers = await self._attempt_batch(body, len(images))
+            return answers, 1
+        except RequestError as exc:
+            if not is_transient(exc) or self.options.retry.attempts == 1:
+                exc.attempts = 1
+                raise
+            first: RequestError | None = exc
+        attempt_number = 0
+        try:
+            async for attempt in self._retrying():
+                with attempt:
+                    attempt_number = attempt.retry_state.attempt_number
+                    if first is not None:
+                        failed, first = first, None
+                        raise failed
+                    return await self._attempt_batch(body, len(images)), attempt_number
+        except RequestError as exc:
+            exc.attempts = attempt_number
+            raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _batch_body(self, images: Sequence[bytes]) -> bytes:
+        options = self.options
+        head: dict[str, Any] = {"model_id": f"{options.model}/{options.version}"}
+        if options.api_key:
+            head["api_key"] = options.api_key
+        confidence = options.confidence
+        # No percent conversion on this route; the floor asks for the whole distribution.
+        head["confidence"] = confidence if isinstance(confidence, str) else 0.01
+        # Base64 text needs no JSON escaping: the images are joined in, not re-encoded.
+        parts = b",".join(b'{"type":"base64","value":"' + image + b'"}' for image in images)
+        return json.dumps(head)[:-1].encode() + b',"image":[' + parts + b"]}"
+
+    async def _attempt_batch(self, body: bytes, count: int) -> list[Answer]:
+        throttle = self._throttle
+        ticket = await throttle.acquire() if throttle else 0.0
+        try:
+            answers = await self._send_batch(body, count)
+        except RequestError as exc:
+            if throttle is not None:
+                if is_transient(exc):
+                    throttle.failure(
+                        ticket,
+                        status=exc.http_status,
+                        retry_after=exc.retry_after,
+                        reason=_failure_reason(exc),
+                    )
+                else:
+                    throttle.release()
+            raise
+        except BaseException:
+            if throttle is not None:
+                throttle.release()
+            raise
+        self._answered = True
+        if throttle is not None:
+            throttle.success(ticket)
+        return answers
+
+    async def _send_batch(self, body: bytes, count: int) -> list[Answer]:
+        session = self._session
+        if session is None:
+            raise RuntimeError("ClassifyClient used outside 'async with'")
+        url = f"{self.options.endpoint.rstrip('/')}{BATCH_ROUTE}"
+        self.requests_sent += 1
+        limit = self.options.max_response_bytes * count
+        try:
+            async with session.post(
+                url,
+                data=body,
+                headers={"Content-Type": "application/json"},
+                allow_redirects=False,
+            ) as response:
+                status = response.status
+                if status == 200:
+                    answer_body = await read_body(response, limit)
+                else:
+                    answer_body = await read_body(response, _ERROR_BODY_LIMIT, truncate=True)
+                    retry_after = parse_retry_after(response.headers.get("Retry-After"))
+        except asyncio.TimeoutError:
+            raise RequestTimeout(
+                f"no answer within {self.options.timeout:g} s (--timeout)"
+            ) from None
+        except aiohttp.ClientError as exc:
+            self._check_endpoint_reached(exc)
+            raise TransportError(self._describe(exc)) from None
+        if status == 200:
+            return parse_answers(answer_body, count)
+        if status in (404, 405) and not self._answered:
+            raise self._not_an_endpoint(
+                f"it has no batch route (HTTP {status} on POST {BATCH_ROUTE}): --batch-size "
+                "needs a self-hosted Roboflow Inference server"
+            )
+        if 300 <= status < 400:
+            raise FatalApiError(self.redact(f"HTTP {status} redirect"), http_status=status)
+        message = self.redact(_error_message(status, answer_body))
+        raise error_for_status(status, message, retry_after=retry_after)
 
     def _check_endpoint_reached(self, exc: aiohttp.ClientError) -> None:
         """Before the first answer, errors that say "this is no classify API" stop the run

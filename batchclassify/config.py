@@ -29,6 +29,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
+from batchclassify.batching import auto_batch_size
 from batchclassify.client import (
     CONFIDENCE_KEYWORDS,
     DEFAULT_ENDPOINT,
@@ -39,6 +40,7 @@ from batchclassify.client import (
 )
 from batchclassify.endpoints import (
     NAMED_ENDPOINTS,
+    EndpointDefaults,
     default_endpoint,
     endpoint_defaults,
     resolve_endpoint,
@@ -120,6 +122,8 @@ class RunSettings:
     queue_size: int | None = None
     #: worker processes, each with its own event loop; ``auto``: see processes.auto_processes
     processes: int | str = "auto"
+    #: images per request on a self-hosted server's batch route; ``auto``: see batching
+    batch_size: int | str = 1
     shutdown_grace: float = 10.0
     #: ``None``: beside the first file output; ``""``: no state
     state: str | None = None
@@ -182,6 +186,11 @@ class RunSettings:
             f"server's own thresholds), got {self.confidence!r}",
         )
         _check(self.queue_size is None or self.queue_size >= 1, "queue_size", "must be >= 1")
+        _check(
+            self.batch_size == "auto" or (type(self.batch_size) is int and self.batch_size >= 1),
+            "batch_size",
+            f"must be a number of images per request (at least 1) or auto, got {self.batch_size!r}",
+        )
         _check(
             self.processes == "auto" or (type(self.processes) is int and self.processes >= 1),
             "processes",
@@ -281,7 +290,20 @@ class RunSettings:
                 if self.processes == "auto"
                 else int(self.processes)
             ),
+            batch_size=self._batch_size(host),
         )
+
+    def _batch_size(self, host: EndpointDefaults) -> int:
+        size = (
+            auto_batch_size(self.concurrency) if self.batch_size == "auto" else int(self.batch_size)
+        )
+        if size > 1 and host.hosted and not self.emulate:
+            raise ConfigError(
+                "--batch-size needs a self-hosted Roboflow Inference server (its "
+                "/infer/classification route): the hosted API takes one image per request. "
+                "Give --endpoint http://HOST:9001, or leave --batch-size out"
+            )
+        return size
 
     def job_state(self, outputs: Sequence[str]) -> JobState:
         """Where the state lives and what to do with it."""

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Literal, Protocol, TextIO, TypeVar
 
 from batchclassify import objects
+from batchclassify.batching import Batcher
 from batchclassify.client import ClassifyClient, ClientOptions
 from batchclassify.dedup import ContentDedup, StoredAnswers
 from batchclassify.errors import (
@@ -104,12 +105,18 @@ class PipelineOptions:
     labeler: Callable[[Result], str | None] | None = None
     #: event loops in processes of their own (``--processes``): 1 runs in this process
     processes: int = 1
+    #: images per request to a self-hosted server's batch route (``--batch-size``); 1: one
+    #: image per request on the classic route
+    batch_size: int = 1
 
     def __post_init__(self) -> None:
         if self.processes < 1:
             raise ValueError("processes must be at least 1")
+        if self.batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
         # How images are encoded follows how the client uploads them: one setting, not two.
-        base64_upload = self.client.upload == "base64"
+        # The batch route takes JSON, so base64 text.
+        base64_upload = self.client.upload == "base64" or self.batch_size > 1
         if self.prepare.base64_upload != base64_upload:
             prepare = dataclasses.replace(self.prepare, base64_upload=base64_upload)
             object.__setattr__(self, "prepare", prepare)
@@ -174,6 +181,7 @@ class Pipeline:
         self._producing = False
         self.client: ClassifyClient | None = None
         self.throttle: Throttle | None = None
+        self._batcher: Batcher | None = None
         #: items taken from the sources, and those not reported because the run stopped
         self.taken = 0
         self.dropped = 0
@@ -234,6 +242,8 @@ class Pipeline:
                 for n in range(options.concurrency)
             ]
             closer = asyncio.create_task(self._close_when_done(done))
+            if options.batch_size > 1:
+                self._batcher = Batcher(client, options.batch_size)
             try:
                 while (result := await done.get()) is not _END:
                     yield result
@@ -241,6 +251,8 @@ class Pipeline:
                 for task in (producer, closer, *self._workers):
                     task.cancel()
                 await asyncio.gather(producer, closer, *self._workers, return_exceptions=True)
+                if self._batcher is not None:
+                    await self._batcher.aclose()
                 executor.shutdown(wait=False, cancel_futures=True)
                 # Results finished but never taken (the consumer stopped early) count as dropped.
                 self.dropped += sum(1 for left in _drain(done, 0) if left is not _END)
@@ -420,7 +432,10 @@ class Pipeline:
         result: Result | None = None
         try:
             started = time.perf_counter()
-            response = await client.classify(data=payload.body)
+            if self._batcher is not None:
+                response = await self._batcher.classify(payload.body)
+            else:
+                response = await client.classify(data=payload.body)
             latency = (time.perf_counter() - started) * 1000
             attempts = payload.attempts + response.attempts
             result = result_from_answer(

@@ -1546,3 +1546,40 @@ def test_emulator_in_thread_serves_synchronous_callers() -> None:
         assert stable(body) == stable(predict(data))
     with pytest.raises(urllib.error.URLError):  # stopped: nothing listens any more
         urllib.request.urlopen(request, timeout=2)
+
+
+async def test_refused_formats_are_a_400_on_every_route(
+    start_emulator: StartEmulator, session: aiohttp.ClientSession
+) -> None:
+    url = await start_emulator(refuse_formats={"webp", "BMP"})
+    webp = image_bytes(fmt="WEBP")
+    status, _, text = await classify(session, url, webp)
+    assert status == 400 and "cannot decode webp" in text
+    assert (await classify(session, url, image_bytes(fmt="BMP")))[0] == 400
+    assert (await classify(session, url, RED_JPEG))[0] == 200
+    status, body = await post_json(
+        session,
+        url,
+        {
+            "model_id": "proj/1",
+            "api_key": "k",
+            "image": [base64_image(RED_JPEG), base64_image(webp)],
+        },
+    )
+    assert status == 400 and "(image 1 of the request)" in body["message"]
+    with pytest.raises(ConfigError, match="unknown format 'avif'"):
+        EmulatorConfig(refuse_formats={"avif"})
+
+
+def test_refuse_formats_on_the_command_line() -> None:
+    from batchclassify.emulator.cli import add_cli_arguments
+
+    own = argparse.ArgumentParser()
+    add_cli_arguments(own)
+    assert config_from_args(own.parse_args(["--refuse-formats", "gif, webp"])).refuse_formats == {
+        "gif",
+        "webp",
+    }
+    assert config_from_args(own.parse_args([])).refuse_formats == frozenset()
+    with pytest.raises(SystemExit):
+        own.parse_args(["--refuse-formats", "avif"])

@@ -14,6 +14,7 @@ from batchclassify.emulator.config import (
     DEFAULT_GPU_BATCH_LATENCY_MS,
     DEFAULT_GPU_PER_IMAGE_MS,
     MULTI_LABEL_COMPARES,
+    REFUSABLE_FORMATS,
     EmulatorConfig,
 )
 from batchclassify.emulator.server import running_emulator
@@ -163,6 +164,14 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
         default=9001,
         help="port to listen on; 0 picks a free one (default: %(default)s, like a "
         "self-hosted inference server)",
+    )
+    net.add_argument(
+        "--refuse-formats",
+        type=_format_names,
+        default=frozenset(),
+        metavar="LIST",
+        help="answer 400 for images in these formats (comma-separated: "
+        f"{', '.join(REFUSABLE_FORMATS)}), like a server whose decoder lacks them",
     )
     net.add_argument(
         "--allow-http-urls",
@@ -316,6 +325,16 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     )
     # Lets config_from_args report cross-option errors in argparse's own format.
     parser.set_defaults(emulator_parser=parser)
+
+
+def _format_names(text: str) -> frozenset[str]:
+    names = frozenset(part.strip().lower() for part in text.split(",") if part.strip())
+    unknown = sorted(names - set(REFUSABLE_FORMATS))
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown format {unknown[0]!r} (one of {', '.join(REFUSABLE_FORMATS)})"
+        )
+    return names
 
 
 def config_from_args(args: argparse.Namespace) -> EmulatorConfig:

@@ -96,6 +96,9 @@ class EmulatorConfig:
     allow_http_image_urls: bool = False
     #: total seconds allowed for fetching an ``image=`` URL
     image_fetch_timeout: float = 10.0
+    #: image formats this server cannot decode (a 400, like a real server whose decoder lacks
+    #: them: OpenCV reads no GIF), out of ``REFUSABLE_FORMATS``
+    refuse_formats: frozenset[str] = frozenset()
     #: model a self-hosted GPU server: this many requests run at once, the others wait for a
     #: slot in arrival order; None = no GPU model (answers take only ``latency_ms``)
     gpu_slots: int | None = None
@@ -117,6 +120,14 @@ class EmulatorConfig:
                     f"fail_statuses: {status!r} is not an HTTP error status (4xx, 5xx)"
                 )
         object.__setattr__(self, "fail_statuses", MappingProxyType(dict(sorted(statuses.items()))))
+        formats = frozenset(name.lower() for name in self.refuse_formats)
+        unknown = sorted(formats - set(REFUSABLE_FORMATS))
+        if unknown:
+            raise ConfigError(
+                f"refuse_formats: unknown format {unknown[0]!r} (one of "
+                f"{', '.join(REFUSABLE_FORMATS)})"
+            )
+        object.__setattr__(self, "refuse_formats", formats)
         _validate_config(self)
 
     @property
@@ -125,6 +136,27 @@ class EmulatorConfig:
         if self.rate_limit_burst is not None:
             return self.rate_limit_burst
         return max(1.0, self.rate_limit or 1.0)
+
+
+#: formats ``refuse_formats`` can name, by their first bytes
+REFUSABLE_FORMATS = ("bmp", "gif", "jpeg", "png", "tiff", "webp")
+
+
+def image_format(raw: bytes) -> str | None:
+    """The format of an image from its first bytes (``None``: another one)."""
+    if raw.startswith(b"\xff\xd8"):
+        return "jpeg"
+    if raw.startswith(b"\x89PNG"):
+        return "png"
+    if raw.startswith((b"GIF87a", b"GIF89a")):
+        return "gif"
+    if raw.startswith(b"BM"):
+        return "bmp"
+    if raw.startswith((b"II*\x00", b"MM\x00*")):
+        return "tiff"
+    if raw[:4] == b"RIFF" and raw[8:12] == b"WEBP":
+        return "webp"
+    return None
 
 
 def _validate_config(config: EmulatorConfig) -> None:

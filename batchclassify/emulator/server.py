@@ -32,6 +32,7 @@ from batchclassify.emulator.config import (
     DEFAULT_GPU_BATCH_LATENCY_MS,
     DEFAULT_GPU_PER_IMAGE_MS,
     EmulatorConfig,
+    image_format,
     is_version,
 )
 from batchclassify.emulator.gpu import GpuModel
@@ -770,6 +771,9 @@ async def _analyze(state: _State, raw: bytes) -> _Image:
     state.stats.image_seen(hexdigest)
     if isinstance(outcome, InputError):
         raise _bad_image(str(outcome))
+    refused = state.config.refuse_formats
+    if refused and (kind := image_format(raw)) in refused:
+        raise _bad_image(f"this server cannot decode {kind} images")
     return _Image(hexdigest, outcome)
 
 
