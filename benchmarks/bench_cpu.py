@@ -258,7 +258,7 @@ def measure(
     out, peak = folder / "out.jsonl", folder / "vmhwm"
     if client == "reference":
         target = [REFERENCE, "--url", emulator.url, "--list", str(listing)]
-        target += ["--concurrency", str(concurrency), "--out", str(out)]
+        target += ["--concurrency", str(concurrency), "--out", str(out), *extra]
     else:
         target = [*_batchclassify(listing, emulator.url, out, concurrency), *extra]
     command = [sys.executable, "-c", _LAUNCHER, str(peak), *target]
