@@ -238,6 +238,8 @@ class _Writer:
             stats.downloads_sent = pipeline.downloads_sent
             stats.reused = pipeline.reused
             stats.not_started = pipeline.dropped
+            if pipeline.client is not None:
+                stats.record_usage(pipeline.client.usage())
             stats.done_earlier = self.skipped.done_earlier
             stats.interrupted = pipeline.stopping and stats.aborted is None
             if bar is not None:
