@@ -461,9 +461,14 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     )
     what.add_argument(
         "--endpoint",
+        action="append",
+        metavar="URL",
         help=f"base URL of the API, or serverless, eu, legacy, local (default {defaults.endpoint}"
         ", or the EU host with ROBOFLOW_REGION=eu); a self-hosted inference server is e.g. "
-        "http://localhost:9001 (= local)",
+        "http://localhost:9001 (= local). Repeat for a fleet of servers of the same model: "
+        "requests go to the least busy one, a failing one is left out for a while and probed "
+        "back, a retry goes to another one; the first one stands for the fleet in the state "
+        "(--resume), so servers may be added after it",
     )
     what.add_argument(
         "--api-key",
@@ -716,6 +721,15 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
         help="abort after N images failed on request errors (default: never)",
     )
     speed.add_argument(
+        "--hedge-after",
+        type=_hedge_after,
+        metavar="S|auto",
+        help="send a classify request still pending after S seconds once more (to another "
+        "server of a fleet when there is one); the first answer wins, the other is cancelled, "
+        "one row either way. 'auto': after the p95 of recent latencies. At most 6%% of requests "
+        "are hedged. Off by default: each copy is a request the service may bill",
+    )
+    speed.add_argument(
         "--max-outage",
         type=float,
         metavar="S",
@@ -802,14 +816,16 @@ def _confidence(text: str) -> float | str:
         ) from None
 
 
-def _count_or_auto(what: str) -> Any:
-    def parse(text: str) -> int | str:
-        """``4`` or ``auto``."""
+def _number_or_auto(what: str, kind: type[int] | type[float] = int) -> Any:
+    """An argparse type: a number (``4``, or ``2.5`` for a float ``kind``) or ``auto``;
+    ranges are checked with the other settings."""
+
+    def parse(text: str) -> int | float | str:
         lowered = text.strip().lower()
         if lowered == "auto":
             return lowered
         try:
-            return int(lowered)
+            return kind(lowered)
         except ValueError:
             raise argparse.ArgumentTypeError(
                 f"{text!r} is not a number of {what} or auto"
@@ -818,8 +834,9 @@ def _count_or_auto(what: str) -> Any:
     return parse
 
 
-_processes = _count_or_auto("processes")
-_batch_size = _count_or_auto("images")
+_processes = _number_or_auto("processes")
+_batch_size = _number_or_auto("images")
+_hedge_after = _number_or_auto("seconds", float)
 
 
 def _names(text: str) -> tuple[str, ...]:
@@ -834,7 +851,7 @@ def settings_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> 
         for name, value in vars(args).items()
         if name in RunSettings.names() and value is not None
     }
-    for name in ("out", "sources"):
+    for name in ("out", "sources", "endpoint"):
         if given.get(name):
             given[name] = tuple(given[name])
         else:
@@ -859,7 +876,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         resolved = settings_from_args(args, os.environ)
         settings = resolved.settings
-        _secrets[:] = [key for key in (settings.api_key, *url_secrets(settings.endpoint)) if key]
+        endpoint_secrets = [s for url in settings.endpoints for s in url_secrets(url)]
+        _secrets[:] = [key for key in (settings.api_key, *endpoint_secrets) if key]
         _configure_logging(getattr(args, "verbose", 0))
         for warning in resolved.warnings:
             _say(warning)

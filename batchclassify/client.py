@@ -6,16 +6,18 @@ API key scrubbed from their text (aiohttp puts the full URL, query string includ
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import json
 import logging
 import os
 import re
 import socket
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import aiohttp
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
@@ -41,6 +43,8 @@ from batchclassify.errors import (
     url_secrets,
     without_userinfo,
 )
+from batchclassify.fleet import Endpoint, Fleet, Route
+from batchclassify.hedge import HedgeOptions, Hedger
 from batchclassify.response import Answer, parse_answer, parse_answers, snippet
 from batchclassify.retry import (
     RetryPolicy,
@@ -61,6 +65,7 @@ __all__ = [
 ]
 
 log = logging.getLogger("batchclassify")
+_T = TypeVar("_T")
 
 DEFAULT_ENDPOINT = SERVERLESS
 #: the server's own thresholds, passed to it by name
@@ -79,6 +84,7 @@ DEFAULT_MAX_RESPONSE_BYTES = 8 * 1024 * 1024
 _STRIKES_BEFORE_GIVING_UP = 3
 #: the self-hosted JSON route that takes a list of images (``--batch-size``)
 BATCH_ROUTE = "/infer/classification"
+_JSON_HEADERS = {"Content-Type": "application/json"}
 #: redirects followed when downloading an image (never on classify requests)
 _MAX_DOWNLOAD_REDIRECTS = 5
 
@@ -103,9 +109,18 @@ def parse_model(text: str) -> tuple[str, int]:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ClientOptions:
     """How to reach the service. ``timeout`` bounds a whole request, ``connect_timeout`` the
-    connection set-up; the default allows the hosted service's multi-second p99 latency."""
+    connection set-up; the default allows the hosted service's multi-second p99 latency.
+
+    ``endpoints`` names several servers of the same model (a fleet, :mod:`batchclassify.fleet`);
+    then ``endpoint`` becomes the first of them. Each server gets its own host's key transport
+    and upload form unless ``key_transport`` / ``upload`` say otherwise: after construction
+    these hold the form shared by every server, or ``None`` when the servers differ (images are
+    then prepared as raw bytes and base64-encoded for the servers that want text); ``routes``
+    holds each server's own."""
 
     endpoint: str = DEFAULT_ENDPOINT
+    #: several servers of one model; empty: ``endpoint`` alone
+    endpoints: tuple[str, ...] = ()
     model: str
     version: int
     #: ``None``: ``ROBOFLOW_API_KEY`` from the environment, like the command line
@@ -124,23 +139,26 @@ class ClientOptions:
     extra_params: Mapping[str, str] = field(default_factory=dict)
     #: answers larger than this (after decompression) fail their item unread
     max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES
+    #: send a pending request once more after a delay (:mod:`batchclassify.hedge`); ``None``:
+    #: never (each copy may be billed)
+    hedge: HedgeOptions | None = None
+    #: each server and how it is reached, settled from the fields above
+    routes: tuple[Route, ...] = field(default=(), init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         # Frozen: the defaults that depend on other fields are settled once, here.
-        endpoint = resolve_endpoint(self.endpoint)
-        host = endpoint_defaults(endpoint)
-        object.__setattr__(self, "endpoint", endpoint)
-        transport = self.key_transport or host.key_transport
-        if url_secrets(endpoint):
-            # user:password in the URL is sent as Basic auth: the Authorization header is taken.
-            if transport == "header":
-                raise ConfigError(
-                    "--api-key-transport header cannot be used with credentials in the endpoint "
-                    "URL (they use the Authorization header): use query"
-                )
-            transport = "query"
-        object.__setattr__(self, "key_transport", transport)
-        object.__setattr__(self, "upload", self.upload or host.upload)
+        urls = tuple(resolve_endpoint(url) for url in (self.endpoints or (self.endpoint,)))
+        if len({url.rstrip("/") for url in urls}) != len(urls):
+            raise ConfigError("an endpoint is named twice: give each server of a fleet once")
+        routes = tuple(_route(url, self.key_transport, self.upload) for url in urls)
+        object.__setattr__(self, "endpoint", urls[0])
+        object.__setattr__(self, "endpoints", urls)
+        object.__setattr__(self, "routes", routes)
+        transports = {route.key_transport for route in routes}
+        uploads = {route.upload for route in routes}
+        shared_transport = transports.pop() if len(transports) == 1 else None
+        object.__setattr__(self, "key_transport", shared_transport)
+        object.__setattr__(self, "upload", uploads.pop() if len(uploads) == 1 else None)
         if self.api_key is None:
             object.__setattr__(self, "api_key", os.environ.get("ROBOFLOW_API_KEY") or None)
         if "/" in self.model or not self.model.strip():
@@ -152,6 +170,31 @@ class ClientOptions:
     @property
     def url(self) -> str:
         return f"{self.endpoint.rstrip('/')}/{self.model}/{self.version}"
+
+
+def _route(endpoint: str, key_transport: KeyTransport | None, upload: Upload | None) -> Route:
+    host = endpoint_defaults(endpoint)
+    transport = key_transport or host.key_transport
+    if url_secrets(endpoint):
+        # user:password in the URL is sent as Basic auth: the Authorization header is taken.
+        if transport == "header":
+            raise ConfigError(
+                "--api-key-transport header cannot be used with credentials in the endpoint "
+                "URL (they use the Authorization header): use query"
+            )
+        transport = "query"
+    return Route(endpoint, transport, upload or host.upload)
+
+
+@dataclass(frozen=True, slots=True)
+class _Target:
+    """One server's request parts, built once: URL, query, and headers per upload form."""
+
+    url: str
+    params: dict[str, str]
+    form_headers: dict[str, str]
+    multipart_headers: dict[str, str]
+    multipart: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,6 +210,11 @@ class ClassifyClient:
 
     async with ClassifyClient(ClientOptions(model="flowers", version=3, api_key=key)) as c:
         response = await c.classify(data=image_bytes)
+
+    With several endpoints, each attempt goes to the least busy server of the fleet, a retry
+    to another one than the attempt that failed (:mod:`batchclassify.fleet`). With hedging, a
+    request still pending after the delay is sent once more and the first answer wins
+    (:mod:`batchclassify.hedge`).
     """
 
     def __init__(self, options: ClientOptions, *, throttle: Throttle | None = None) -> None:
@@ -174,38 +222,62 @@ class ClassifyClient:
         self._throttle = throttle
         self._session: aiohttp.ClientSession | None = None
         params = {key: str(value) for key, value in options.extra_params.items()}
-        headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "gzip, deflate"}
-        if options.api_key and options.key_transport in ("query", "both"):
-            params["api_key"] = options.api_key
-        if options.api_key and options.key_transport in ("header", "both"):
-            headers["Authorization"] = f"Bearer {options.api_key}"
-        self._headers = headers
         # Ask for every class down to the server's floor; the threshold is applied here, so a
         # row keeps the whole distribution and can be re-thresholded without a new request.
         keyword = isinstance(options.confidence, str)
         params["confidence"] = str(options.confidence) if keyword else SERVER_CONFIDENCE_FLOOR
-        self._params = params
-        self._secrets = (options.api_key, *url_secrets(options.endpoint))
-        #: whether any request succeeded yet, and signs of a wrong endpoint before that
-        self._answered = False
-        self._strikes = 0
-        #: requests actually sent (attempts), and image downloads (--fetch-urls), for the summary
+        self._targets = [self._target(route, params) for route in options.routes]
+        #: the form images come prepared in: base64 text, or raw bytes
+        self._base64_given = options.upload == "base64"
+        secrets = [options.api_key]
+        for route in options.routes:
+            secrets.extend(url_secrets(route.endpoint))
+        self._secrets = tuple(secrets)
+        self._fleet: Fleet | None = None
+        self._hedger = Hedger(options.hedge) if options.hedge is not None else None
+        #: requests actually sent (attempts and hedges), and image downloads (--fetch-urls),
+        #: for the summary
         self.requests_sent = 0
         self.downloads_sent = 0
+        #: hedges sent, and those that answered first
+        self.hedges_sent = 0
+        self.hedges_won = 0
+
+    def _target(self, route: Route, params: Mapping[str, str]) -> _Target:
+        key = self.options.api_key
+        query = dict(params)
+        headers: dict[str, str] = {}
+        if key and route.key_transport in ("query", "both"):
+            query["api_key"] = key
+        if key and route.key_transport in ("header", "both"):
+            headers["Authorization"] = f"Bearer {key}"
+        url = f"{route.endpoint.rstrip('/')}/{self.options.model}/{self.options.version}"
+        form = {**headers, "Content-Type": "application/x-www-form-urlencoded"}
+        return _Target(url, query, form, headers, route.upload == "multipart")
+
+    @property
+    def fleet(self) -> Fleet:
+        """The servers and what was seen of each (inside ``async with``)."""
+        if self._fleet is None:
+            raise RuntimeError("ClassifyClient used outside 'async with'")
+        return self._fleet
 
     async def __aenter__(self) -> ClassifyClient:
-        connector = aiohttp.TCPConnector(
-            limit=max(self.options.concurrency, 1), limit_per_host=0, enable_cleanup_closed=True
-        )
+        self._fleet = Fleet(self.options.routes)
+        concurrency = max(self.options.concurrency, 1)
+        # Hedges are requests beyond the concurrency: they need connections of their own.
+        limit = concurrency * 2 if self._hedger is not None else concurrency
+        connector = aiohttp.TCPConnector(limit=limit, limit_per_host=0, enable_cleanup_closed=True)
         timeout = aiohttp.ClientTimeout(
             total=self.options.timeout, connect=self.options.connect_timeout
         )
         # Bodies are decompressed here, not by aiohttp, so that their decompressed size is
-        # bounded too (a 1 MB gzip bomb is 1 GB once inflated).
+        # bounded too (a 1 MB gzip bomb is 1 GB once inflated). The key goes per request:
+        # each server of a fleet may take it another way.
         self._session = aiohttp.ClientSession(
             connector=connector,
             timeout=timeout,
-            headers=self._headers,
+            headers={"User-Agent": USER_AGENT, "Accept-Encoding": "gzip, deflate"},
             auto_decompress=False,
         )
         return self
@@ -222,6 +294,15 @@ class ClassifyClient:
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+    def usage(self) -> dict[str, Any]:
+        """Requests per server (with failures and ejections) and hedges, for the summary."""
+        fleet = self._fleet
+        return {
+            "endpoints": fleet.usage() if fleet is not None else {},
+            "hedged": self.hedges_sent,
+            "hedges_won": self.hedges_won,
+        }
 
     def _retrying(self) -> AsyncRetrying:
         policy = self.options.retry
@@ -259,7 +340,7 @@ class ClassifyClient:
         )
 
     def redact(self, text: str) -> str:
-        """``text`` without the API key or the endpoint's credentials."""
+        """``text`` without the API key or the endpoints' credentials."""
         return redact(text, *self._secrets)
 
     async def classify(
@@ -268,14 +349,29 @@ class ClassifyClient:
         """Classify one image: ``data`` is the upload (base64 text, or the image's raw bytes with
         ``upload="multipart"``), or ``image_url`` a URL for the service to fetch. Retries
         transient failures; raises a :class:`~batchclassify.errors.RequestError` (with
-        ``attempts`` set) when it gives up."""
+        ``attempts`` set) when it gives up.
+
+        ``attempts`` counts the tries of the request: a hedged try is one attempt, however
+        many copies of it were sent (those are counted in :attr:`hedges_sent`)."""
         if (data is None) == (image_url is None):
             raise ValueError("give exactly one of data and image_url")
+        answer, attempts = await self._with_retries(
+            lambda tried: self._attempt(data, image_url, tried)
+        )
+        return Response(answer=answer, attempts=attempts)
+
+    async def _with_retries(
+        self, attempt: Callable[[list[Endpoint]], Awaitable[_T]]
+    ) -> tuple[_T, int]:
+        """``attempt`` until it succeeds or the retry policy gives up; its result and the
+        attempts made (on failure, the error's ``attempts``). ``attempt`` gets the servers
+        tried so far, most recent last, so that a retry goes elsewhere."""
+        tried: list[Endpoint] = []
         # Most requests succeed on their first attempt: that one goes without the retry
         # machinery (a tenth of the client's CPU per image). Its failure is replayed as
         # tenacity's first attempt, so waits, logging and counts are those of one policy.
         try:
-            return Response(answer=await self._attempt(data, image_url), attempts=1)
+            return await attempt(tried), 1
         except RequestError as exc:
             if not is_transient(exc) or self.options.retry.attempts == 1:
                 exc.attempts = 1
@@ -284,65 +380,172 @@ class ClassifyClient:
         retrying = self._retrying()
         attempt_number = 0
         try:
-            async for attempt in retrying:
-                with attempt:
-                    attempt_number = attempt.retry_state.attempt_number
+            async for retry in retrying:
+                with retry:
+                    attempt_number = retry.retry_state.attempt_number
                     if first is not None:
                         failed, first = first, None
                         raise failed
-                    answer = await self._attempt(data, image_url)
-                    return Response(answer=answer, attempts=attempt_number)
+                    return await attempt(tried), attempt_number
         except RequestError as exc:
             exc.attempts = attempt_number
             raise
         raise AssertionError("unreachable: tenacity either returns or raises")  # pragma: no cover
 
-    async def _attempt(self, data: bytes | None, image_url: str | None) -> Answer:
+    async def _attempt(
+        self, data: bytes | None, image_url: str | None, tried: list[Endpoint]
+    ) -> Answer:
+        hedger = self._hedger
+        if hedger is None:
+            return await self._try(self._sender(data, image_url), tried)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        hedger.started()
+        delay = hedger.delay
+        throttle = self._throttle
+        if delay is None or (throttle is not None and throttle.in_outage):
+            # No hedging yet (too few latencies) or now (the servers look down).
+            answer = await self._try(self._sender(data, image_url), tried)
+            hedger.observe(loop.time() - started)
+            return answer
+        answer = await self._race(data, image_url, tried, hedger, delay)
+        # The first copy's time: its latency, or a lower bound of it when the hedge won.
+        hedger.observe(loop.time() - started)
+        return answer
+
+    async def _race(
+        self,
+        data: bytes | None,
+        image_url: str | None,
+        tried: list[Endpoint],
+        hedger: Hedger,
+        delay: float,
+    ) -> Answer:
+        """Send, and once more if no answer came within ``delay``; the first answer wins and
+        the other copy is cancelled. When both fail, the error that says more wins: one that
+        is not worth a retry (the item's or the run's), else the last one."""
+        send = self._sender(data, image_url)
+        first: asyncio.Future[Answer] = asyncio.ensure_future(self._try(send, tried))
+        tasks = [first]
+        try:
+            done, _ = await asyncio.wait(tasks, timeout=delay)
+            if done or not hedger.take():
+                return await first
+            tasks.append(asyncio.ensure_future(self._try(send, tried, hedge=True)))
+            pending: set[asyncio.Future[Answer]] = set(tasks)
+            error: BaseException | None = None
+            while pending:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    exc = task.exception()
+                    if exc is None:
+                        if task is not first:
+                            self.hedges_won += 1
+                        return task.result()
+                    if not isinstance(exc, RequestError):
+                        raise exc  # RunAborted from the throttle, a bug: nothing to wait for
+                    if isinstance(exc, FatalApiError) or error is None or is_transient(error):
+                        error = exc
+                    if isinstance(exc, FatalApiError):
+                        raise exc
+            assert error is not None
+            raise error
+        finally:
+            for task in tasks:
+                task.cancel()
+            # Collect the outcomes (a cancelled loser, an error already raised) so that none
+            # is reported as never retrieved.
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _sender(
+        self, data: bytes | None, image_url: str | None
+    ) -> Callable[[Endpoint], Awaitable[Answer]]:
+        return lambda endpoint: self._send(endpoint, data, image_url)
+
+    async def _try(
+        self,
+        send: Callable[[Endpoint], Awaitable[_T]],
+        tried: list[Endpoint],
+        *,
+        hedge: bool = False,
+    ) -> _T:
+        """One copy of a request (``send`` to a server): through the throttle, to the server
+        the fleet picks."""
         throttle = self._throttle
         ticket = await throttle.acquire() if throttle else 0.0
+        fleet = self.fleet
+        # Picked after the throttle's wait: the choice reflects the fleet at send time.
+        endpoint = fleet.pick(tried)
+        tried.append(endpoint)
+        if hedge:
+            self.hedges_sent += 1
+        endpoint.outstanding += 1
         try:
-            answer = await self._send(data, image_url)
+            answer = await send(endpoint)
         except RequestError as exc:
-            if throttle is not None:
-                if is_transient(exc):
+            if is_transient(exc):
+                if throttle is not None:
                     throttle.failure(
                         ticket,
                         status=exc.http_status,
                         retry_after=exc.retry_after,
                         reason=_failure_reason(exc),
                     )
+                if _server_side(exc):
+                    fleet.failed(endpoint, _failure_reason(exc))
                 else:
+                    fleet.released(endpoint)
+            else:
+                if throttle is not None:
                     throttle.release()
+                fleet.released(endpoint)
             raise
         except BaseException:
             if throttle is not None:
                 throttle.release()
+            fleet.released(endpoint)
             raise
-        self._answered = True
+        finally:
+            endpoint.outstanding -= 1
+        fleet.succeeded(endpoint)
         if throttle is not None:
             throttle.success(ticket)
         return answer
 
-    async def _send(self, data: bytes | None, image_url: str | None) -> Answer:
+    def _body(
+        self, target: _Target, data: bytes
+    ) -> tuple[bytes | aiohttp.FormData, dict[str, str]]:
+        """The request body for this server, in its upload form."""
+        if not target.multipart:
+            text = data if self._base64_given else base64.b64encode(data)
+            return text, target.form_headers
+        if self._base64_given:
+            try:
+                data = base64.b64decode(data, validate=True)
+            except binascii.Error:
+                raise ItemRejectedError("the upload is not base64 text", http_status=None) from None
+        # The raw bytes as the "file" part: no base64 on either side, 25 % fewer bytes.
+        form = aiohttp.FormData()
+        form.add_field("file", data, filename="image", content_type="application/octet-stream")
+        return form, target.multipart_headers
+
+    async def _send(self, endpoint: Endpoint, data: bytes | None, image_url: str | None) -> Answer:
         session = self._session
         if session is None:
             raise RuntimeError("ClassifyClient used outside 'async with'")
-        params = self._params if image_url is None else {**self._params, "image": image_url}
-        upload: bytes | aiohttp.FormData = data or b""
-        headers = {"Content-Type": "application/x-www-form-urlencoded"}
-        if data is not None and self.options.upload == "multipart":
-            # The raw bytes as the "file" part: no base64 on either side, 25 % fewer bytes.
-            upload = aiohttp.FormData()
-            upload.add_field(
-                "file", data, filename="image", content_type="application/octet-stream"
-            )
-            headers = {}
+        target = self._targets[endpoint.index]
+        params = target.params if image_url is None else {**target.params, "image": image_url}
+        upload: bytes | aiohttp.FormData = b""
+        headers = target.form_headers
+        if data is not None:
+            upload, headers = self._body(target, data)
         self.requests_sent += 1
+        endpoint.requests += 1
         limit = self.options.max_response_bytes
         try:
             # No redirects: following one would send the image and the key to another host.
             async with session.post(
-                self.options.url,
+                target.url,
                 params=params,
                 data=upload,
                 headers=headers,
@@ -360,15 +563,17 @@ class ClassifyClient:
                 f"no answer within {self.options.timeout:g} s (--timeout)"
             ) from None
         except aiohttp.ClientError as exc:
-            self._check_endpoint_reached(exc)
+            self._check_endpoint_reached(endpoint, exc)
             # `from None`: the original exception's text carries the URL and so the key.
             raise TransportError(self._describe(exc)) from None
         if status == 200:
-            if not self._answered and body.lstrip()[:1] not in (b"{", b"["):
-                self._strike(f"it answered 200 with {_content(body)}")
+            if not endpoint.answered and body.lstrip()[:1] not in (b"{", b"["):
+                self._strike(endpoint, f"it answered 200 with {_content(body)}")
             return parse_answer(body)
-        if status == 405 and not self._answered:
-            raise self._not_an_endpoint("it does not accept POST on the classify route (405)")
+        if status == 405 and not endpoint.answered:
+            raise self._not_an_endpoint(
+                endpoint, "it does not accept POST on the classify route (405)"
+            )
         if 300 <= status < 400:
             where = without_userinfo(location) if location else "nowhere (no Location header)"
             message = self.redact(f"HTTP {status} redirect to {where}")
@@ -440,37 +645,20 @@ class ClassifyClient:
     async def classify_batch(self, images: Sequence[bytes]) -> tuple[list[Answer], int]:
         """Classify base64-encoded ``images`` in one request to a self-hosted server's JSON
         route (``POST /infer/classification``, PROTOCOL.md); returns the answers in order and
-        the attempts it took. Retries transient failures like :meth:`classify`. One bad image
-        fails the whole request with a 400 (:class:`ItemRejectedError`): the caller splits
-        the batch to find it."""
+        the attempts it took. Retries transient failures like :meth:`classify` (never hedged:
+        a batch is the expensive request). One bad image fails the whole request with a 400
+        (:class:`ItemRejectedError`): the caller splits the batch to find it."""
         body = self._batch_body(images)
-        try:
-            answers = await self._attempt_batch(body, len(images))
-            return answers, 1
-        except RequestError as exc:
-            if not is_transient(exc) or self.options.retry.attempts == 1:
-                exc.attempts = 1
-                raise
-            first: RequestError | None = exc
-        attempt_number = 0
-        try:
-            async for attempt in self._retrying():
-                with attempt:
-                    attempt_number = attempt.retry_state.attempt_number
-                    if first is not None:
-                        failed, first = first, None
-                        raise failed
-                    return await self._attempt_batch(body, len(images)), attempt_number
-        except RequestError as exc:
-            exc.attempts = attempt_number
-            raise
-        raise AssertionError("unreachable")  # pragma: no cover
+        count = len(images)
+        return await self._with_retries(
+            lambda tried: self._try(lambda endpoint: self._send_batch(endpoint, body, count), tried)
+        )
 
     def _batch_body(self, images: Sequence[bytes]) -> bytes:
         options = self.options
         head: dict[str, Any] = {"model_id": f"{options.model}/{options.version}"}
         if options.api_key:
-            head["api_key"] = options.api_key
+            head["api_key"] = options.api_key  # this route takes the key in the body
         confidence = options.confidence
         # No percent conversion on this route; the floor asks for the whole distribution.
         head["confidence"] = confidence if isinstance(confidence, str) else 0.01
@@ -478,45 +666,17 @@ class ClassifyClient:
         parts = b",".join(b'{"type":"base64","value":"' + image + b'"}' for image in images)
         return json.dumps(head)[:-1].encode() + b',"image":[' + parts + b"]}"
 
-    async def _attempt_batch(self, body: bytes, count: int) -> list[Answer]:
-        throttle = self._throttle
-        ticket = await throttle.acquire() if throttle else 0.0
-        try:
-            answers = await self._send_batch(body, count)
-        except RequestError as exc:
-            if throttle is not None:
-                if is_transient(exc):
-                    throttle.failure(
-                        ticket,
-                        status=exc.http_status,
-                        retry_after=exc.retry_after,
-                        reason=_failure_reason(exc),
-                    )
-                else:
-                    throttle.release()
-            raise
-        except BaseException:
-            if throttle is not None:
-                throttle.release()
-            raise
-        self._answered = True
-        if throttle is not None:
-            throttle.success(ticket)
-        return answers
-
-    async def _send_batch(self, body: bytes, count: int) -> list[Answer]:
+    async def _send_batch(self, endpoint: Endpoint, body: bytes, count: int) -> list[Answer]:
         session = self._session
         if session is None:
             raise RuntimeError("ClassifyClient used outside 'async with'")
-        url = f"{self.options.endpoint.rstrip('/')}{BATCH_ROUTE}"
+        url = f"{self.options.routes[endpoint.index].endpoint.rstrip('/')}{BATCH_ROUTE}"
         self.requests_sent += 1
+        endpoint.requests += 1
         limit = self.options.max_response_bytes * count
         try:
             async with session.post(
-                url,
-                data=body,
-                headers={"Content-Type": "application/json"},
-                allow_redirects=False,
+                url, data=body, headers=_JSON_HEADERS, allow_redirects=False
             ) as response:
                 status = response.status
                 if status == 200:
@@ -529,47 +689,61 @@ class ClassifyClient:
                 f"no answer within {self.options.timeout:g} s (--timeout)"
             ) from None
         except aiohttp.ClientError as exc:
-            self._check_endpoint_reached(exc)
+            self._check_endpoint_reached(endpoint, exc)
             raise TransportError(self._describe(exc)) from None
         if status == 200:
+            if not endpoint.answered and answer_body.lstrip()[:1] != b"[":
+                self._strike(endpoint, f"it answered 200 with {_content(answer_body)}")
             return parse_answers(answer_body, count)
-        if status in (404, 405) and not self._answered:
+        if status in (404, 405) and not endpoint.answered:
             raise self._not_an_endpoint(
+                endpoint,
                 f"it has no batch route (HTTP {status} on POST {BATCH_ROUTE}): --batch-size "
-                "needs a self-hosted Roboflow Inference server"
+                "needs a self-hosted Roboflow Inference server",
             )
         if 300 <= status < 400:
             raise FatalApiError(self.redact(f"HTTP {status} redirect"), http_status=status)
         message = self.redact(_error_message(status, answer_body))
         raise error_for_status(status, message, retry_after=retry_after)
 
-    def _check_endpoint_reached(self, exc: aiohttp.ClientError) -> None:
-        """Before the first answer, errors that say "this is no classify API" stop the run
-        within seconds, instead of a 10-minute outage wait: the name does not resolve, TLS
-        fails, or connections are refused again and again."""
-        if self._answered:
+    def _check_endpoint_reached(self, endpoint: Endpoint, exc: aiohttp.ClientError) -> None:
+        """Before a server's first answer, errors that say "this is no classify API" stop the
+        run within seconds, instead of a 10-minute outage wait (or, in a fleet, leave that
+        server out): the name does not resolve, TLS fails, or connections are refused again
+        and again."""
+        if endpoint.answered:
             return
         cause = getattr(exc, "os_error", None)
         if isinstance(cause, socket.gaierror):
-            raise self._not_an_endpoint(f"its host name does not resolve ({cause.strerror})")
+            raise self._not_an_endpoint(
+                endpoint, f"its host name does not resolve ({cause.strerror})"
+            )
         if isinstance(exc, (aiohttp.ClientSSLError, aiohttp.ClientConnectorCertificateError)):
-            raise self._not_an_endpoint(f"TLS failed ({self._describe(exc)})")
+            raise self._not_an_endpoint(endpoint, f"TLS failed ({self._describe(exc)})")
         if isinstance(cause, ConnectionRefusedError):
-            self._strike("it refuses connections (nothing listens on that port)")
+            self._strike(endpoint, "it refuses connections (nothing listens on that port)")
 
-    def _strike(self, what: str) -> None:
+    def _strike(self, endpoint: Endpoint, what: str) -> None:
         """One more sign, before any answer, that this is no classify API. A few in a row
         are a wrong endpoint; one alone may be a server still starting, or a garbled body."""
-        self._strikes += 1
-        if self._strikes >= _STRIKES_BEFORE_GIVING_UP:
-            raise self._not_an_endpoint(f"{what}, {self._strikes} times without an answer")
+        endpoint.strikes += 1
+        if endpoint.strikes >= _STRIKES_BEFORE_GIVING_UP:
+            raise self._not_an_endpoint(
+                endpoint, f"{what}, {endpoint.strikes} times without an answer"
+            )
 
-    def _not_an_endpoint(self, what: str) -> EndpointError:
-        endpoint = without_userinfo(self.options.endpoint)
+    def _not_an_endpoint(self, endpoint: Endpoint, what: str) -> RequestError | EndpointError:
+        """The error for a server that is no classify API: the run stops unless other servers
+        of the fleet may still be (then the request is retried on one of them)."""
+        name = without_userinfo(endpoint.route.endpoint)
+        why = self.redact(f"it does not look like a classify API: {what}")
+        if self.fleet.condemn(endpoint, why):
+            return TransportError(self.redact(f"{name} does not look like a classify API: {what}"))
+        others = "" if len(self.fleet) == 1 else ", nor did the other servers of the fleet"
         return EndpointError(
             self.redact(
-                f"{endpoint} does not look like a classify API: {what}. Check --endpoint: the "
-                f"hosted API is {DEFAULT_ENDPOINT}, a self-hosted server is usually "
+                f"{name} does not look like a classify API: {what}{others}. Check --endpoint: "
+                f"the hosted API is {DEFAULT_ENDPOINT}, a self-hosted server is usually "
                 "http://HOST:9001"
             )
         )
@@ -588,6 +762,15 @@ def _content(body: bytes) -> str:
     if head.startswith((b"<!doctype html", b"<html")) or b"<body" in head:
         return "an HTML page"
     return f"text that is not JSON: {snippet(body, 80)!r}"
+
+
+def _server_side(exc: RequestError) -> bool:
+    """A failure that says the server is unwell: no answer, a timeout, a 5xx. A 429 says it is
+    up (just busy), a garbled 200 may be one image's doing."""
+    if isinstance(exc, TransportError):
+        return True
+    status = exc.http_status
+    return status is not None and status >= 500
 
 
 def _failure_reason(exc: RequestError) -> str:
@@ -674,9 +857,7 @@ class _Inflater:
     def _window(self, head: bytes) -> int:
         if self._encoding != "deflate":
             return 16 + zlib.MAX_WBITS
-        zlib_wrapped = (
-            len(head) >= 2 and head[0] & 0x0F == 8 and (head[0] << 8 | head[1]) % 31 == 0
-        )
+        zlib_wrapped = len(head) >= 2 and head[0] & 0x0F == 8 and (head[0] << 8 | head[1]) % 31 == 0
         return zlib.MAX_WBITS if zlib_wrapped else -zlib.MAX_WBITS
 
 

@@ -40,7 +40,6 @@ from batchclassify.client import (
 )
 from batchclassify.endpoints import (
     NAMED_ENDPOINTS,
-    EndpointDefaults,
     default_endpoint,
     endpoint_defaults,
     resolve_endpoint,
@@ -48,6 +47,7 @@ from batchclassify.endpoints import (
 )
 from batchclassify.errors import ConfigError
 from batchclassify.evaluate import LabelSource, labels_for
+from batchclassify.hedge import HedgeOptions, parse_hedge_after
 from batchclassify.organize import OrganizeOptions, Organizer, OrganizeSink
 from batchclassify.paths import PlannedPath
 from batchclassify.pipeline import PipelineOptions
@@ -79,8 +79,9 @@ class RunSettings:
     sources: tuple[str, ...] = ()
     model: str | None = None
     #: a URL or a short name (serverless, eu, legacy, local); by default the hosted API of
-    #: the user's region
-    endpoint: str = DEFAULT_ENDPOINT
+    #: the user's region. Several: a fleet of servers of the same model (one string when
+    #: there is one, a tuple when there are several)
+    endpoint: str | tuple[str, ...] = DEFAULT_ENDPOINT
     #: how the key is sent: header (Bearer), query (?api_key=) or both; by default per host
     api_key_transport: str | None = None
     #: base64 text or a multipart file part; by default per host
@@ -138,6 +139,9 @@ class RunSettings:
     interval: float | None = None
     #: seconds between checkpoint uploads of an output in object storage (``--out s3://…``)
     upload_interval: float = 300.0
+    #: send a request still pending after this many seconds once more; ``auto``: from the
+    #: observed latency; ``None``: never (each copy may be billed)
+    hedge_after: float | str | None = None
 
     def __post_init__(self) -> None:
         _check(self.concurrency >= 1, "concurrency", "must be at least 1")
@@ -211,7 +215,11 @@ class RunSettings:
         )
         if self.shard is not None:
             parse_shard(self.shard)
-        object.__setattr__(self, "endpoint", resolve_endpoint(self.endpoint))
+        given = (self.endpoint,) if isinstance(self.endpoint, str) else tuple(self.endpoint)
+        _check(bool(given), "endpoint", "needs at least one URL")
+        urls = tuple(resolve_endpoint(url) for url in given)
+        object.__setattr__(self, "endpoint", urls[0] if len(urls) == 1 else urls)
+        self.hedge_options()  # a malformed --hedge-after is refused now
         _check(
             self.api_key_transport in (None, "header", "query", "both"),
             "api_key_transport",
@@ -220,13 +228,30 @@ class RunSettings:
         _check(
             self.upload in (None, "base64", "multipart"), "upload", "must be base64 or multipart"
         )
-        endpoint = urlsplit(self.endpoint)
-        _check(
-            endpoint.scheme in ("http", "https") and bool(endpoint.hostname),
-            "endpoint",
-            f"must be an http(s) URL such as {DEFAULT_ENDPOINT} or one of "
-            f"{', '.join(NAMED_ENDPOINTS)}, got {self.endpoint!r}",
-        )
+        for url in urls:
+            endpoint = urlsplit(url)
+            _check(
+                endpoint.scheme in ("http", "https") and bool(endpoint.hostname),
+                "endpoint",
+                f"must be an http(s) URL such as {DEFAULT_ENDPOINT} or one of "
+                f"{', '.join(NAMED_ENDPOINTS)}, got {url!r}",
+            )
+
+    @property
+    def endpoints(self) -> tuple[str, ...]:
+        """Every endpoint (one, or the servers of a fleet)."""
+        return (self.endpoint,) if isinstance(self.endpoint, str) else self.endpoint
+
+    def hedge_options(self) -> HedgeOptions | None:
+        value = self.hedge_after
+        try:
+            if isinstance(value, str):
+                return parse_hedge_after(value)
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise ValueError(f"must be a positive number of seconds or auto, got {value!r}")
+            return None if value is None else HedgeOptions(after=value)
+        except ValueError as exc:
+            raise ConfigError(f"--hedge-after {exc}") from None
 
     @classmethod
     def names(cls) -> frozenset[str]:
@@ -248,12 +273,17 @@ class RunSettings:
                 "roboflow package ('roboflow login'); or use --emulate for a dry run against the "
                 "built-in emulator"
             )
-        host = endpoint_defaults(self.endpoint)
-        upload = self.upload or host.upload
+        endpoints = self.endpoints
+        # An image must fit every server of a fleet: the smallest documented limit.
+        limits = [endpoint_defaults(url).upload_limit for url in endpoints]
+        upload_limit = min((limit for limit in limits if limit is not None), default=None)
         client = ClientOptions(
-            endpoint=self.endpoint,
-            key_transport=self.api_key_transport or host.key_transport,  # type: ignore[arg-type]
-            upload=upload,  # type: ignore[arg-type]
+            endpoint=endpoints[0],
+            endpoints=endpoints,
+            # None: each server gets what its host gets by default
+            key_transport=self.api_key_transport,  # type: ignore[arg-type]
+            upload=self.upload,  # type: ignore[arg-type]
+            hedge=self.hedge_options(),
             model=project,
             version=version,
             api_key=api_key,
@@ -274,7 +304,7 @@ class RunSettings:
             prepare=PrepareOptions(
                 max_size=self.max_size,
                 jpeg_quality=self.jpeg_quality,
-                max_upload_bytes=host.upload_limit,
+                max_upload_bytes=upload_limit,
             ),
             throttle=ThrottleOptions(
                 rate=self.rate, adaptive=self.adaptive, max_outage=self.max_outage
@@ -290,14 +320,15 @@ class RunSettings:
                 if self.processes == "auto"
                 else int(self.processes)
             ),
-            batch_size=self._batch_size(host),
+            batch_size=self._batch_size(endpoints),
         )
 
-    def _batch_size(self, host: EndpointDefaults) -> int:
+    def _batch_size(self, endpoints: Sequence[str]) -> int:
         size = (
             auto_batch_size(self.concurrency) if self.batch_size == "auto" else int(self.batch_size)
         )
-        if size > 1 and host.hosted and not self.emulate:
+        hosted = any(endpoint_defaults(url).hosted for url in endpoints)
+        if size > 1 and hosted and not self.emulate:
             raise ConfigError(
                 "--batch-size needs a self-hosted Roboflow Inference server (its "
                 "/infer/classification route): the hosted API takes one image per request. "
@@ -559,6 +590,10 @@ def _from_toml(name: str, value: Any, hint: Any, *, where: str) -> Any:
 def _from_text(name: str, text: str, hint: Any, *, where: str) -> Any:
     kinds = _base_types(hint)
     try:
+        if tuple in kinds and str in kinds:
+            # One value or several (``endpoint``): separated by spaces, as a URL may hold commas.
+            words = tuple(text.split())
+            return words[0] if len(words) == 1 else words
         if tuple in kinds:
             return tuple(part.strip() for part in text.split(",") if part.strip())
         if bool in kinds:

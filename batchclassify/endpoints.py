@@ -122,9 +122,7 @@ def saved_api_key(environ: Mapping[str, str], workspace: str | None) -> tuple[st
     workspaces = config.get("workspaces")
     if not isinstance(workspaces, dict):
         return None
-    by_url = {
-        entry.get("url"): entry for entry in workspaces.values() if isinstance(entry, dict)
-    }
+    by_url = {entry.get("url"): entry for entry in workspaces.values() if isinstance(entry, dict)}
     wanted = workspace or config.get("RF_WORKSPACE")
     entry = by_url.get(wanted)
     if entry is None and workspace is not None:

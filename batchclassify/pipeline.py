@@ -31,7 +31,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, I
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Protocol, TextIO, TypeVar
+from typing import Any, Literal, Protocol, TextIO, TypeVar
 
 from batchclassify import objects
 from batchclassify.batching import Batcher
@@ -147,6 +147,8 @@ class RunningPipeline(Protocol):
 
     def results(self) -> AsyncGenerator[Result, None]: ...
 
+    def usage(self) -> dict[str, Any] | None: ...
+
     def stop(self) -> None: ...
 
     def abort(self) -> None: ...
@@ -203,6 +205,10 @@ class Pipeline:
     def downloads_sent(self) -> int:
         """Image downloads (``--fetch-urls``, or URLs the service could not fetch)."""
         return self.client.downloads_sent if self.client else 0
+
+    def usage(self) -> dict[str, Any] | None:
+        """Requests per server and hedges (:meth:`ClassifyClient.usage`), once started."""
+        return self.client.usage() if self.client is not None else None
 
     def stop(self) -> None:
         """Stop taking new items; what is in flight finishes and is reported."""

@@ -98,6 +98,8 @@ class _Report:
     done_earlier: int = 0
     other_shards: int = 0
     fatal: str | None = None
+    #: requests per server and hedges (:meth:`ClassifyClient.usage`)
+    usage: dict[str, Any] | None = None
 
 
 class ProcessPipeline:
@@ -135,10 +137,15 @@ class ProcessPipeline:
         self.requests_sent = 0
         self.downloads_sent = 0
         self.reused = 0
+        self._usage: dict[str, Any] | None = None
 
     @property
     def stopping(self) -> bool:
         return self._stopping
+
+    def usage(self) -> dict[str, Any] | None:
+        """The workers' requests per server and hedges, added up (once they reported)."""
+        return self._usage
 
     def stop(self) -> None:
         """No new items in any worker; what is in flight finishes and is reported."""
@@ -323,6 +330,8 @@ class ProcessPipeline:
         self.reused += report.reused
         self._skipped.done_earlier += report.done_earlier
         self._skipped.other_shards += report.other_shards
+        if report.usage is not None:
+            self._usage = _add_usage(self._usage, report.usage)
 
     def _join(self) -> None:
         for control in self._controls:
@@ -332,6 +341,19 @@ class ProcessPipeline:
             if process.is_alive():
                 process.kill()
                 process.join()
+
+
+def _add_usage(total: dict[str, Any] | None, usage: dict[str, Any]) -> dict[str, Any]:
+    """Two workers' :meth:`ClassifyClient.usage` as one: every count summed."""
+    if total is None:
+        return {**usage, "endpoints": {k: dict(v) for k, v in usage["endpoints"].items()}}
+    for name in ("hedged", "hedges_won"):
+        total[name] += usage[name]
+    for label, counts in usage["endpoints"].items():
+        mine = total["endpoints"].setdefault(label, dict.fromkeys(counts, 0))
+        for name, count in counts.items():
+            mine[name] = mine.get(name, 0) + count
+    return total
 
 
 def _share(total: int, parts: int, number: int) -> int:
@@ -448,6 +470,7 @@ async def _work(spec: _WorkerSpec, rows: Connection, control: Connection) -> Non
     report.requests_sent = pipeline.requests_sent
     report.downloads_sent = pipeline.downloads_sent
     report.reused = pipeline.reused
+    report.usage = pipeline.usage()
     report.done_earlier = skipped.done_earlier
     report.other_shards = skipped.other_shards
     rows.send(("done", report))

@@ -271,6 +271,9 @@ class _Writer:
             stats.downloads_sent = pipeline.downloads_sent
             stats.reused = pipeline.reused
             stats.not_started = pipeline.dropped
+            usage = pipeline.usage()
+            if usage is not None:
+                stats.record_usage(usage)
             stats.done_earlier = self.skipped.done_earlier
             stats.interrupted = pipeline.stopping and stats.aborted is None
             if bar is not None:

@@ -299,9 +299,7 @@ class ParquetSink:
         self.rows_written = 0
 
     @classmethod
-    async def open(
-        cls, path: Path, *, mode: OpenMode, columns: Sequence[str] = ()
-    ) -> ParquetSink:
+    async def open(cls, path: Path, *, mode: OpenMode, columns: Sequence[str] = ()) -> ParquetSink:
         return await asyncio.to_thread(lambda: cls(path, overwrite=mode != "x"))
 
     async def write(self, result: Result) -> None:

@@ -67,6 +67,18 @@ class RunStats:
     done_earlier: int = 0
     interrupted: bool = False
     aborted: str | None = None
+    #: requests sent again because the first copy was slow (``--hedge-after``), and how many
+    #: of those answered first
+    hedged: int = 0
+    hedges_won: int = 0
+    #: per server of the endpoint(s): requests, failures, ejections
+    endpoints: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    def record_usage(self, usage: dict[str, Any]) -> None:
+        """The client's counts (:meth:`ClassifyClient.usage`)."""
+        self.hedged = usage["hedged"]
+        self.hedges_won = usage["hedges_won"]
+        self.endpoints = usage["endpoints"]
 
     def add(self, result: Result) -> None:
         self.total += 1
@@ -105,6 +117,9 @@ class RunStats:
             "requests_sent": self.requests_sent,
             "downloads_sent": self.downloads_sent,
             "reused": self.reused,
+            "hedged": self.hedged,
+            "hedges_won": self.hedges_won,
+            "endpoints": self.endpoints,
             "latency_ms": {f"p{q}": self.latency.percentile(q) for q in (50, 95, 99)},
             "top_classes": dict(self.classes.most_common(10)),
             "done_earlier": self.done_earlier,
@@ -140,7 +155,16 @@ class RunStats:
                 f"  latency p50 {latency['p50']:.0f} ms, p95 {latency['p95']:.0f} ms, "
                 f"p99 {latency['p99']:.0f} ms; {self.requests_sent} requests sent"
                 + (f", {self.downloads_sent} image downloads" if self.downloads_sent else "")
+                + (f", {self.hedged} hedged, {self.hedges_won} won" if self.hedged else "")
             )
+        if len(self.endpoints) > 1:
+            shares = []
+            for name, usage in self.endpoints.items():
+                ejected = usage["ejections"]
+                shares.append(
+                    f"{name} {usage['requests']}" + (f" (left out {ejected}x)" if ejected else "")
+                )
+            lines.append(f"  requests per endpoint: {', '.join(shares)}")
         if self.reused:
             lines.append(f"  {self.reused} duplicates answered from an identical copy")
         if self.classes:
