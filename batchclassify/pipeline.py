@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import dataclasses
+import functools
 import hashlib
 import itertools
 import logging
@@ -45,6 +46,7 @@ from batchclassify.errors import (
     RequestError,
     RunAborted,
 )
+from batchclassify.handoff import BatchedHandoff
 from batchclassify.model import ErrorInfo, Item, Result
 from batchclassify.prepare import (
     PreparedImage,
@@ -184,6 +186,7 @@ class Pipeline:
         self.client: ClassifyClient | None = None
         self.throttle: Throttle | None = None
         self._batcher: Batcher | None = None
+        self._prepare_file: BatchedHandoff[Path, _Payload] | None = None
         #: items taken from the sources, and those not reported because the run stopped
         self.taken = 0
         self.dropped = 0
@@ -233,9 +236,12 @@ class Pipeline:
         size = max(options.queue_size or max(2 * options.concurrency, 16), options.concurrency)
         todo: asyncio.Queue[Item | None] = asyncio.Queue(maxsize=size)
         done: asyncio.Queue[Result | None] = asyncio.Queue(maxsize=size)
+        threads = options.prepare_workers or default_workers()
         executor = ThreadPoolExecutor(
-            max_workers=options.prepare_workers or default_workers(),
-            thread_name_prefix="batchclassify-prepare",
+            max_workers=threads, thread_name_prefix="batchclassify-prepare"
+        )
+        self._prepare_file = BatchedHandoff(
+            functools.partial(_file_payload, options=options.prepare), executor, threads
         )
         self.throttle = Throttle(options.throttle)
         self._dedup = ContentDedup(self._store) if options.dedup else None
@@ -418,7 +424,8 @@ class Pipeline:
                 payload = await self._fetch_payload(item.url, executor)
             else:
                 assert item.path is not None
-                payload = await loop.run_in_executor(executor, _file_payload, item.path, prepare)
+                assert self._prepare_file is not None
+                payload = await self._prepare_file(item.path)
             return await self._classify_payload(item, payload)
         except InputError as exc:
             return _error_result(item, ErrorInfo(exc.kind, str(exc)), attempts=0)

@@ -132,6 +132,27 @@ async def test_a_hedged_item_gives_one_row_and_the_hedge_goes_to_another_server(
     assert "1 hedged, 1 won" in stats.format()
 
 
+async def test_a_request_sent_before_auto_knew_its_delay_is_hedged_once_it_does(
+    hostile_server: HostileServer, emulator_url: str
+) -> None:
+    hostile_server.slow_seconds = 5.0
+    slow = hostile_server.url("slow", every=1)
+    async with ClassifyClient(
+        options(slow, emulator_url, hedge=HedgeOptions(min_samples=8), concurrency=4)
+    ) as client:
+        # The run's first request: to the first server (the slow one), with no delay known.
+        first = asyncio.ensure_future(client.classify(data=image_bytes(seed=0)))
+        await asyncio.sleep(0.05)
+        # Fast answers from the emulator (the least busy server) teach auto its delay.
+        for n in range(40):
+            await client.classify(data=image_bytes(seed=n + 1))
+        response = await first
+    assert response.answer.top and response.attempts == 1
+    # Its hedge went to the emulator and won; the slow copy was dropped (it never finished).
+    assert (client.hedges_sent, client.hedges_won) == (1, 1)
+    assert hostile_server.requests["slow"] == 1
+
+
 async def test_hedges_respect_the_budget(hostile_server: HostileServer) -> None:
     hostile_server.slow_seconds = 0.3
     endpoint = hostile_server.url("slow", every=1)  # every copy is slow: each wants a hedge
