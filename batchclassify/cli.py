@@ -18,16 +18,18 @@ import traceback
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
-from batchclassify import __version__, distribute, emulator, evaluate, objects, report, verify
-from batchclassify.client import CONFIDENCE_KEYWORDS
+# Only what building the parser and reading the settings need: every command starts here, and
+# each imports the rest itself (a run does not load the report, --help not even aiohttp).
+from batchclassify import __version__, distribute, emulator
 from batchclassify.config import ResolvedSettings, RunSettings, format_settings, resolve_settings
+from batchclassify.endpoints import CONFIDENCE_KEYWORDS
 from batchclassify.errors import ConfigError, RunAborted, redact, url_secrets
-from batchclassify.pipeline import RunningPipeline
-from batchclassify.rethreshold import rethreshold
-from batchclassify.runner import run
 from batchclassify.text import for_terminal
+
+if TYPE_CHECKING:
+    from batchclassify.pipeline import RunningPipeline
 
 EXIT_OK = 0
 EXIT_FAILED_ITEMS = 1
@@ -892,6 +894,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if settings.api_key_file == "-" and "-" in settings.sources:
             raise ConfigError("stdin cannot hold both the key (--api-key-file -) and the inputs")
         if args.command == "verify":
+            from batchclassify import verify
+
             return verify.verify_command(settings, say=_say)
         # run --distributor ray: the job runs as shards on a Ray cluster (distribute.py)
         distributed = distribute.options_from_args(args)
@@ -923,6 +927,9 @@ async def _run_command(sources: list[str], settings: RunSettings, *, scan: bool)
 
 
 async def _run_job(sources: list[str], settings: RunSettings, *, scan: bool) -> int:
+    from batchclassify import objects
+    from batchclassify.runner import run
+
     options = settings.pipeline_options(sources)
     outputs = list(settings.out)
     if not outputs:
@@ -977,6 +984,8 @@ def _evaluated_output(settings: RunSettings, outputs: list[str]) -> Path | None:
     earlier runs of a resumed job."""
     if settings.eval is None:
         return None
+    from batchclassify import evaluate
+
     for output in outputs:
         if output != "-" and Path(output).suffix.lower() in (".jsonl", ".ndjson"):
             evaluate.check_output(Path(settings.eval), [Path(output)], overwrite=settings.overwrite)
@@ -986,6 +995,8 @@ def _evaluated_output(settings: RunSettings, outputs: list[str]) -> Path | None:
 
 def _evaluate_run(settings: RunSettings, results: Path) -> None:
     assert settings.labels is not None and settings.eval is not None
+    from batchclassify import evaluate
+
     evaluation = evaluate.evaluate(
         results,
         evaluate.LabelSource.parse(settings.labels),
@@ -1115,6 +1126,8 @@ def _export_command(args: argparse.Namespace) -> int:
 
 
 def _rethreshold_command(args: argparse.Namespace) -> int:
+    from batchclassify.rethreshold import rethreshold
+
     try:
         written, predicted = asyncio.run(
             rethreshold(Path(args.results), args.out, args.confidence, overwrite=args.overwrite)
@@ -1156,6 +1169,8 @@ def _eval_command(args: argparse.Namespace) -> int:
 
 
 def _report_command(args: argparse.Namespace) -> int:
+    from batchclassify import report
+
     results = Path(args.results)
     output = Path(args.out) if args.out else results.with_suffix(".html")
     try:

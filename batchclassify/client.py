@@ -11,7 +11,6 @@ import binascii
 import json
 import logging
 import os
-import re
 import socket
 import zlib
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -24,10 +23,13 @@ import yarl
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
 
 from batchclassify.endpoints import (
+    CONFIDENCE_KEYWORDS,
+    DEFAULT_MAX_RESPONSE_BYTES,
     SERVERLESS,
     KeyTransport,
     Upload,
     endpoint_defaults,
+    parse_model,
     resolve_endpoint,
 )
 from batchclassify.errors import (
@@ -69,18 +71,13 @@ log = logging.getLogger("batchclassify")
 _T = TypeVar("_T")
 
 DEFAULT_ENDPOINT = SERVERLESS
-#: the server's own thresholds, passed to it by name
-CONFIDENCE_KEYWORDS = ("best", "default")
 #: the lowest ``confidence`` the server honours: asking for it returns the whole distribution
 SERVER_CONFIDENCE_FLOOR = "0.01"
 USER_AGENT = "batchclassify"
-_MODEL = re.compile(r"^(?:[^/\s]+/)?([^/\s]+)/(\d+)$")
 #: how much of an error body we keep for the message
 _MESSAGE_LIMIT = 300
 #: how much of an error body we read to find that message
 _ERROR_BODY_LIMIT = 64 * 1024
-#: default bound on an answer's size: a classify answer is a few KB even with thousands of classes
-DEFAULT_MAX_RESPONSE_BYTES = 8 * 1024 * 1024
 #: refused connections or web pages, before any answer, that make the endpoint look wrong
 _STRIKES_BEFORE_GIVING_UP = 3
 #: the self-hosted JSON route that takes a list of images (``--batch-size``)
@@ -95,23 +92,6 @@ _PART_HEAD = (
 )
 #: redirects followed when downloading an image (never on classify requests)
 _MAX_DOWNLOAD_REDIRECTS = 5
-
-
-def model_workspace(text: str) -> str | None:
-    """``"workspace/project/3"`` -> ``"workspace"`` (``None`` without one)."""
-    parts = text.strip().strip("/").split("/")
-    return parts[0] if len(parts) == 3 and parts[0] else None
-
-
-def parse_model(text: str) -> tuple[str, int]:
-    """``"project/3"`` or ``"workspace/project/3"`` -> ``("project", 3)``, as the ``roboflow``
-    package and ``inference-sdk`` take model ids."""
-    match = _MODEL.match(text.strip().strip("/"))
-    if not match or int(match.group(2)) < 1:
-        raise ConfigError(
-            f"--model must look like PROJECT/VERSION (e.g. flowers-abc12/3), got {text!r}"
-        )
-    return match.group(1), int(match.group(2))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -21,7 +21,7 @@ import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 from urllib.parse import urlsplit
 
 if sys.version_info >= (3, 11):
@@ -29,36 +29,31 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-from batchclassify.batching import auto_batch_size
-from batchclassify.client import (
-    CONFIDENCE_KEYWORDS,
-    DEFAULT_ENDPOINT,
-    DEFAULT_MAX_RESPONSE_BYTES,
-    ClientOptions,
-    model_workspace,
-    parse_model,
-)
 from batchclassify.endpoints import (
+    CONFIDENCE_KEYWORDS,
+    DEFAULT_MAX_RESPONSE_BYTES,
     NAMED_ENDPOINTS,
+    SERVERLESS,
     default_endpoint,
     endpoint_defaults,
+    model_workspace,
+    parse_model,
     resolve_endpoint,
     saved_api_key,
 )
 from batchclassify.errors import ConfigError
-from batchclassify.evaluate import LabelSource, labels_for
 from batchclassify.hedge import HedgeOptions, parse_hedge_after
-from batchclassify.organize import OrganizeOptions, Organizer, OrganizeSink
+from batchclassify.model import CSV_COLUMNS
 from batchclassify.paths import PlannedPath
-from batchclassify.pipeline import PipelineOptions
-from batchclassify.prepare import PrepareOptions
-from batchclassify.processes import auto_processes
-from batchclassify.retry import RetryPolicy
-from batchclassify.runner import JobState
-from batchclassify.sinks import CSV_COLUMNS, Sink
-from batchclassify.sources import DEFAULT_EXTENSIONS, SourceOptions, parse_extensions
+from batchclassify.sources import DEFAULT_EXTENSIONS
 from batchclassify.state import default_state_path, parse_shard
-from batchclassify.throttle import ThrottleOptions
+
+# The settings are read by every command, --help included; what only a run needs (aiohttp,
+# Pillow, the pipeline) is imported where the run's options are built.
+if TYPE_CHECKING:
+    from batchclassify.pipeline import PipelineOptions
+    from batchclassify.runner import JobState
+    from batchclassify.sinks import Sink
 
 __all__ = [
     "ResolvedSettings",
@@ -81,7 +76,7 @@ class RunSettings:
     #: a URL or a short name (serverless, eu, legacy, local); by default the hosted API of
     #: the user's region. Several: a fleet of servers of the same model (one string when
     #: there is one, a tuple when there are several)
-    endpoint: str | tuple[str, ...] = DEFAULT_ENDPOINT
+    endpoint: str | tuple[str, ...] = SERVERLESS
     #: how the key is sent: header (Bearer), query (?api_key=) or both; by default per host
     api_key_transport: str | None = None
     #: base64 text or a multipart file part; by default per host
@@ -166,6 +161,8 @@ class RunSettings:
             "must be between 0 and 1",
         )
         if self.labels is not None:
+            from batchclassify.evaluate import LabelSource
+
             LabelSource.parse(self.labels)  # a malformed spec is refused now
         # With --labels, label and correct are columns of every row too.
         taken = {*CSV_COLUMNS, "columns", "source_bytes"}
@@ -233,7 +230,7 @@ class RunSettings:
             _check(
                 endpoint.scheme in ("http", "https") and bool(endpoint.hostname),
                 "endpoint",
-                f"must be an http(s) URL such as {DEFAULT_ENDPOINT} or one of "
+                f"must be an http(s) URL such as {SERVERLESS} or one of "
                 f"{', '.join(NAMED_ENDPOINTS)}, got {url!r}",
             )
 
@@ -263,6 +260,15 @@ class RunSettings:
     def pipeline_options(self, sources: Sequence[str] = ()) -> PipelineOptions:
         """The library-level options these settings stand for (``sources``: what the run
         reads, which ``processes = "auto"`` looks at)."""
+        from batchclassify.client import ClientOptions
+        from batchclassify.evaluate import LabelSource, labels_for
+        from batchclassify.pipeline import PipelineOptions
+        from batchclassify.prepare import PrepareOptions
+        from batchclassify.processes import auto_processes
+        from batchclassify.retry import RetryPolicy
+        from batchclassify.sources import SourceOptions, parse_extensions
+        from batchclassify.throttle import ThrottleOptions
+
         if not self.model:
             raise ConfigError("--model is required (e.g. --model flowers-abc12/3)")
         project, version = parse_model(self.model)
@@ -324,6 +330,8 @@ class RunSettings:
         )
 
     def _batch_size(self, endpoints: Sequence[str]) -> int:
+        from batchclassify.batching import auto_batch_size
+
         size = (
             auto_batch_size(self.concurrency) if self.batch_size == "auto" else int(self.batch_size)
         )
@@ -338,6 +346,8 @@ class RunSettings:
 
     def job_state(self, outputs: Sequence[str]) -> JobState:
         """Where the state lives and what to do with it."""
+        from batchclassify.runner import JobState
+
         if self.state == "":
             path = None
         elif self.state is not None:
@@ -369,6 +379,8 @@ class RunSettings:
         """Sinks that are not files of results (``--organize``)."""
         if self.organize is None:
             return []
+        from batchclassify.organize import OrganizeOptions, Organizer, OrganizeSink
+
         organizer = Organizer(
             OrganizeOptions(
                 root=Path(self.organize),
@@ -476,7 +488,7 @@ def resolve_settings(
     if "endpoint" not in values and not values.get("emulate"):
         # (an emulated run reads no region: a broken roboflow config cannot stop a dry run)
         values["endpoint"] = default_endpoint(environ)
-        if values["endpoint"] != DEFAULT_ENDPOINT:
+        if values["endpoint"] != SERVERLESS:
             origins["endpoint"] = "default for ROBOFLOW_REGION=eu"
     if not values.get("api_key") and not values.get("emulate"):
         saved = saved_api_key(environ, model_workspace(values.get("model") or ""))

@@ -44,10 +44,7 @@ from urllib.parse import urlsplit
 from batchclassify import emulator
 from batchclassify.config import RunSettings
 from batchclassify.errors import ConfigError, RunAborted
-from batchclassify.merge import Part, merge_parts, merging_name
 from batchclassify.paths import PlannedPath, check_paths
-from batchclassify.runner import LABEL_COLUMNS, run
-from batchclassify.sinks import STDOUT, check_outputs
 from batchclassify.state import StateReader
 from batchclassify.summary import RunStats
 
@@ -189,6 +186,9 @@ class JobPlan:
 
 def plan_job(sources: Sequence[str], settings: RunSettings, options: DistributeOptions) -> JobPlan:
     """Refuse what cannot be distributed, and check every path, before Ray is started."""
+    from batchclassify.merge import merging_name
+    from batchclassify.sinks import STDOUT, check_outputs
+
     if settings.shard is not None:
         raise ConfigError(
             "--shard K/N and --distributor ray both split the job: --shard takes one shard on "
@@ -347,6 +347,9 @@ def check_reachable(address: str) -> None:
 
 
 def _drive(ray: Any, plan: JobPlan, say: Callable[[str], None]) -> int:
+    from batchclassify.merge import Part, merge_parts
+    from batchclassify.runner import LABEL_COLUMNS
+
     started = time.monotonic()
     shards = plan.resumed_shards or plan.options.shards or _cluster_cpus(ray)
     _prepare_parts_dir(plan, shards)
@@ -632,6 +635,8 @@ async def _run_shard(plan: ShardPlan, key: str | None) -> ShardReport:
 
 
 async def _run_pipeline(plan: ShardPlan, settings: RunSettings, files: ShardFiles) -> ShardReport:
+    from batchclassify.runner import run
+
     outputs = [str(files.working)]
     try:
         stats = await run(

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -142,3 +143,29 @@ def _roboflow_config_path(environ: Mapping[str, str]) -> Path | None:
         return Path(named)
     home = environ.get("HOME") or os.path.expanduser("~")
     return Path(home) / ".config" / "roboflow" / "config.json" if home else None
+
+
+# --- what to call: the model, and the protocol's own limits ------------------------------------
+
+#: the server's own thresholds, passed to it by name
+CONFIDENCE_KEYWORDS = ("best", "default")
+#: default bound on an answer's size: a classify answer is a few KB even with thousands of classes
+DEFAULT_MAX_RESPONSE_BYTES = 8 * 1024 * 1024
+_MODEL = re.compile(r"^(?:[^/\s]+/)?([^/\s]+)/(\d+)$")
+
+
+def model_workspace(text: str) -> str | None:
+    """``"workspace/project/3"`` -> ``"workspace"`` (``None`` without one)."""
+    parts = text.strip().strip("/").split("/")
+    return parts[0] if len(parts) == 3 and parts[0] else None
+
+
+def parse_model(text: str) -> tuple[str, int]:
+    """``"project/3"`` or ``"workspace/project/3"`` -> ``("project", 3)``, as the ``roboflow``
+    package and ``inference-sdk`` take model ids."""
+    match = _MODEL.match(text.strip().strip("/"))
+    if not match or int(match.group(2)) < 1:
+        raise ConfigError(
+            f"--model must look like PROJECT/VERSION (e.g. flowers-abc12/3), got {text!r}"
+        )
+    return match.group(1), int(match.group(2))

@@ -16,6 +16,25 @@ __all__ = ["ErrorInfo", "Item", "ObjectRef", "Result", "Status", "read_results",
 
 Status = Literal["ok", "error"]
 
+#: the CSV output's columns, in order (list columns and label columns may follow)
+CSV_COLUMNS = (
+    "source",
+    "status",
+    "top",
+    "confidence",
+    "predicted_classes",
+    "error",
+    "error_type",
+    "http_status",
+    "attempts",
+    "latency_ms",
+    "width",
+    "height",
+    "inference_id",
+    "duplicate_of",
+    "path",
+)
+
 
 @dataclass(frozen=True, slots=True)
 class ObjectRef:

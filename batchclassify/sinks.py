@@ -31,7 +31,7 @@ import aiofiles
 from aiofiles.threadpool.text import AsyncTextIOWrapper
 
 from batchclassify.errors import ConfigError, RunAborted
-from batchclassify.model import Result, record_json
+from batchclassify.model import CSV_COLUMNS, Result, record_json
 from batchclassify.text import csv_cell
 
 __all__ = [
@@ -51,23 +51,6 @@ __all__ = [
 
 STDOUT = "-"
 OpenMode = Literal["w", "a", "x"]
-CSV_COLUMNS = (
-    "source",
-    "status",
-    "top",
-    "confidence",
-    "predicted_classes",
-    "error",
-    "error_type",
-    "http_status",
-    "attempts",
-    "latency_ms",
-    "width",
-    "height",
-    "inference_id",
-    "duplicate_of",
-    "path",
-)
 
 
 class Sink(Protocol):

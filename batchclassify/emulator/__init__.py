@@ -56,38 +56,81 @@ Modules: :mod:`~batchclassify.emulator.config` (``EmulatorConfig``),
 
 from __future__ import annotations
 
-from batchclassify.emulator.cli import (
-    CLI_DESCRIPTION,
-    CLI_EPILOG,
-    LISTENING_PREFIX,
-    add_cli_arguments,
-    config_from_args,
-    serve_from_args,
-)
-from batchclassify.emulator.config import (
-    DEFAULT_CLASSES,
-    DEFAULT_CONFIDENCE,
-    EmulatorConfig,
-    MultiLabelCompare,
-)
-from batchclassify.emulator.load import TokenBucket, sample_latency
-from batchclassify.emulator.model import (
-    CONFIDENCE_FLOOR,
-    KEYWORD_CONFIDENCE,
-    ImageAnalysis,
-    analyze_image,
-    class_scores,
-    decode_base64_payload,
-    parse_confidence,
-    predict,
-    shape_response,
-)
-from batchclassify.emulator.server import (
-    VOLATILE_KEYS,
-    create_app,
-    emulator_in_thread,
-    running_emulator,
-)
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from batchclassify.emulator.cli import (
+        CLI_DESCRIPTION,
+        CLI_EPILOG,
+        LISTENING_PREFIX,
+        add_cli_arguments,
+        config_from_args,
+        serve_from_args,
+    )
+    from batchclassify.emulator.config import (
+        DEFAULT_CLASSES,
+        DEFAULT_CONFIDENCE,
+        EmulatorConfig,
+        MultiLabelCompare,
+    )
+    from batchclassify.emulator.load import TokenBucket, sample_latency
+    from batchclassify.emulator.model import (
+        CONFIDENCE_FLOOR,
+        KEYWORD_CONFIDENCE,
+        ImageAnalysis,
+        analyze_image,
+        class_scores,
+        decode_base64_payload,
+        parse_confidence,
+        predict,
+        shape_response,
+    )
+    from batchclassify.emulator.server import (
+        VOLATILE_KEYS,
+        create_app,
+        emulator_in_thread,
+        running_emulator,
+    )
+
+#: where each name lives, imported on first use: the CLI builds its parser from ``cli`` and
+#: ``config`` without loading the server (and aiohttp.web with it)
+_HOMES = {
+    "CLI_DESCRIPTION": "cli",
+    "CLI_EPILOG": "cli",
+    "LISTENING_PREFIX": "cli",
+    "add_cli_arguments": "cli",
+    "config_from_args": "cli",
+    "serve_from_args": "cli",
+    "DEFAULT_CLASSES": "config",
+    "DEFAULT_CONFIDENCE": "config",
+    "EmulatorConfig": "config",
+    "MultiLabelCompare": "config",
+    "TokenBucket": "load",
+    "sample_latency": "load",
+    "CONFIDENCE_FLOOR": "model",
+    "KEYWORD_CONFIDENCE": "model",
+    "ImageAnalysis": "model",
+    "analyze_image": "model",
+    "class_scores": "model",
+    "decode_base64_payload": "model",
+    "parse_confidence": "model",
+    "predict": "model",
+    "shape_response": "model",
+    "VOLATILE_KEYS": "server",
+    "create_app": "server",
+    "emulator_in_thread": "server",
+    "running_emulator": "server",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOMES:
+        raise AttributeError(f"module 'batchclassify.emulator' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"batchclassify.emulator.{_HOMES[name]}"), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "CLI_DESCRIPTION",

@@ -17,7 +17,6 @@ from batchclassify.emulator.config import (
     REFUSABLE_FORMATS,
     EmulatorConfig,
 )
-from batchclassify.emulator.server import running_emulator
 from batchclassify.errors import ConfigError
 
 __all__ = [
@@ -389,6 +388,8 @@ async def _serve(config: EmulatorConfig, host: str, port: int) -> int:
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             loop.add_signal_handler(sig, stop.set)
     try:
+        from batchclassify.emulator.server import running_emulator  # aiohttp.web: only now
+
         async with running_emulator(config, host=host, port=port) as url:
             print(f"{LISTENING_PREFIX}{url}", flush=True)
             await stop.wait()
