@@ -4,19 +4,22 @@ worker processes and all, against the emulator; killed with SIGKILL where it hur
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import os
+import re
 import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
-from conftest import StartEmulator
+from conftest import ServeBytes, StartEmulator
 from helpers import (
     emulator_stats,
     expected_answer,
+    image_bytes,
     make_image,
     read_csv,
     read_jsonl,
@@ -409,12 +412,6 @@ async def test_scan_with_processes_sends_only_new_files_and_stops_on_ctrl_c(
     assert (await emulator_stats(url))["requests"] == 15  # done files cost no request
     await none_left(workers)
 
-    # Scanning again (no --interval): nothing new, nothing sent.
-    code, stderr = await cli(*args[:-2])
-    assert code == 0, stderr
-    assert "nothing left to do" in stderr or "0 images" in stderr
-    assert (await emulator_stats(url))["requests"] == 15
-
 
 async def test_ctrl_c_while_workers_start_then_twice_then_resume_is_exactly_once(
     tmp_path: Path, start_emulator: StartEmulator
@@ -422,8 +419,8 @@ async def test_ctrl_c_while_workers_start_then_twice_then_resume_is_exactly_once
     """Ctrl-C reaches every process of the group. A worker still importing its modules must
     not die of it (it would stop the run as a crash); a second Ctrl-C aborts the requests in
     flight; either way --resume completes the run, each input once."""
-    url = await start_emulator(latency_ms=100)
-    files = dataset(tmp_path / "in", 60)
+    url = await start_emulator(latency_ms=50)
+    files = dataset(tmp_path / "in", 40)
     out = tmp_path / "r.jsonl"
     args = command(url, tmp_path / "in", out, "--processes", "2", "--concurrency", "4")
 
@@ -449,7 +446,7 @@ async def test_ctrl_c_while_workers_start_then_twice_then_resume_is_exactly_once
     clean(stderr)
     assert process.returncode == 130, stderr
     assert "not started" in stderr and "closing check" not in stderr
-    assert len(read_jsonl(out)) < 60
+    assert len(read_jsonl(out)) < 40
     await none_left(workers)
 
     code, stderr = await cli(*args, "--resume")
@@ -538,10 +535,139 @@ async def test_more_processes_than_inputs_an_empty_folder_and_one_progress_bar(
     files = dataset(tmp_path / "in", 3)
     out = tmp_path / "r.jsonl"
     code, stderr = await cli(
-        *command(url, tmp_path / "in", out, "--processes", "6", "--progress"),
+        *command(url, tmp_path / "in", out, "--processes", "4", "--progress"),
     )
     clean(stderr)
     assert code == 0, stderr
     check_exactly_once(out, files)
-    assert "3/3" in stderr  # one bar, with its total
-    assert stderr.count("100%") == 1, stderr
+    # One bar, with its total: every frame counts up to 3, none of them per process.
+    frames = [(int(done), int(total)) for done, total in re.findall(r"(\d+)/(\d+) \[", stderr)]
+    assert frames and frames[-1] == (3, 3), stderr
+    assert all(total == 3 for _, total in frames), stderr
+    assert [done for done, _ in frames] == sorted(done for done, _ in frames), stderr
+
+
+async def test_urls_and_file_names_that_are_not_utf8_with_two_processes(
+    tmp_path: Path, start_emulator: StartEmulator, serve_bytes: ServeBytes
+) -> None:
+    """A name that is not UTF-8 is hashed to its part, pickled to its worker and written back
+    exactly; URLs are downloaded in the workers (--url-mode fetch); resume sends nothing."""
+    url = await start_emulator(latency_ms=2)
+    served = {f"/u{n}.png": image_bytes(seed=300 + n, size=(16, 16), fmt="PNG") for n in range(6)}
+    base = await serve_bytes({**served, "/gone.png": 404})
+    folder = tmp_path / "in"
+    raw_names = [os.fsencode(folder) + b"/caf\xe9-%d.png" % n for n in range(6)]
+    for n, raw in enumerate(raw_names):
+        make_image(Path(os.fsdecode(raw)), seed=400 + n, size=(16, 16))
+    listing = tmp_path / "urls.txt"
+    listing.write_text("".join(f"{base}{name}\n" for name in [*served, "/gone.png"]))
+    out = tmp_path / "r.jsonl"
+    args = [
+        "run", str(folder), str(listing), "--model", "demo/1", "--endpoint", url,
+        "--out", str(out), "--out", str(out.with_suffix(".csv")), "--processes", "2",
+        "--url-mode", "fetch",
+    ]  # fmt: skip
+    code, stderr = await cli(*args)
+    clean(stderr)
+    assert code == 1, stderr  # the 404
+    rows = read_jsonl(out)
+    assert len(rows) == 13 and len(read_csv(out.with_suffix(".csv"))) == 13
+    named = sorted(base64.b64decode(row["source_bytes"]) for row in rows if "source_bytes" in row)
+    assert named == sorted(raw_names)
+    by_url = {row["source"]: row for row in rows if row["source"].startswith(base)}
+    assert set(by_url) == {base + name for name in [*served, "/gone.png"]}
+    for name, data in served.items():
+        assert by_url[base + name]["top"] == expected_answer(data)["top"]
+    assert by_url[base + "/gone.png"]["status"] == "error"
+    requests = (await emulator_stats(url))["requests"]
+    code, stderr = await cli(*args, "--resume")
+    assert code == 0, stderr  # the 404 is final: not tried again
+    assert "nothing left to do" in stderr and len(read_jsonl(out)) == 13
+    assert (await emulator_stats(url))["requests"] == requests
+
+
+_LIBRARY_SCRIPT = """
+import asyncio, json, multiprocessing, os, sys
+from pathlib import Path
+from batchclassify import ClientOptions, JobState, PipelineOptions, run
+
+def open_fds():
+    return len(os.listdir("/proc/self/fd"))
+
+def children():
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == os.getpid():
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+            found.append((fields[0], "resource_tracker" in str(cmdline)))
+    return found
+
+def job(number):
+    endpoint, folder, out = sys.argv[1:4]
+    options = PipelineOptions(
+        client=ClientOptions(
+            model="demo", version=1, api_key=os.environ["ROBOFLOW_API_KEY"], endpoint=endpoint
+        ),
+        processes=2,
+    )
+    stats = asyncio.run(
+        run([folder], options, outputs=[f"{out}{number}.jsonl"],
+            state=JobState(path=Path(f"{out}{number}.state")))
+    )
+    return {"ok": stats.ok, "fds": open_fds(), "children": children(),
+            "active": len(multiprocessing.active_children())}
+
+GUARD
+"""
+
+
+async def test_the_library_api_with_processes_from_a_script(
+    tmp_path: Path, start_emulator: StartEmulator
+) -> None:
+    """batchclassify.run(processes=2) from a user's script: twice in one process, with no
+    file descriptor, worker or zombie left behind; without the main guard, a clear error."""
+    url = await start_emulator(latency_ms=2)
+    dataset(tmp_path / "in", 8)
+    guarded = tmp_path / "guarded.py"
+    guarded.write_text(
+        _LIBRARY_SCRIPT.replace(
+            "GUARD", 'if __name__ == "__main__":\n    print(json.dumps([job(0), job(1)]))'
+        )
+    )
+    unguarded = tmp_path / "unguarded.py"
+    unguarded.write_text(_LIBRARY_SCRIPT.replace("GUARD", "print(json.dumps(job(0)))"))
+    env = {**os.environ, "ROBOFLOW_API_KEY": KEY}
+    folder, out = str(tmp_path / "in"), str(tmp_path / "lib")
+
+    async def script(path: Path, prefix: str) -> tuple[int, str, str]:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, str(path), url, folder, out + prefix, env=env,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        stdout, stderr = await asyncio.wait_for(process.communicate(), 60)
+        assert process.returncode is not None
+        return process.returncode, stdout.decode(), stderr.decode()
+
+    (code, stdout, stderr), (bad_code, _, bad_stderr) = await asyncio.gather(
+        script(guarded, "g"), script(unguarded, "u")
+    )
+    assert code == 0, stderr
+    clean(stderr)
+    first, second = json.loads(stdout)
+    assert first["ok"] == second["ok"] == 8
+    assert second["fds"] == first["fds"], "a run leaked file descriptors"
+    for after in (first, second):
+        # Only multiprocessing's resource tracker (one per interpreter) outlives a run.
+        assert after["active"] == 0 and all(tracker for _, tracker in after["children"])
+        assert len(after["children"]) <= 1
+
+    assert bad_code != 0
+    assert KEY not in bad_stderr
+    # The worker's copy of the job refuses to start (not a second job fighting the first)...
+    assert "ConfigError: batchclassify.run was called while a --processes worker" in bad_stderr
+    # ... and the job itself says why its worker died.
+    assert "each worker process imports the script again" in bad_stderr
