@@ -17,7 +17,12 @@ because the parts that guarantee it are the same code, in the same process.
 
 A worker whose parent dies (``kill -9``) sees its control pipe close and exits at once: what it
 classified after the last commit is simply classified again by ``--resume``. A worker that dies
-stops the run (exit 2, "--resume completes it"), as a crash of a single-process run would.
+stops the run (exit 2, "--resume completes it"), as a crash of a single-process run would; one
+that raises sends its (redacted) message first. Workers ignore SIGINT and SIGTERM from their
+first instant (Ctrl-C reaches the whole process group, a service manager may signal them all):
+the parent alone decides to stop or abort, and tells them. Workers are spawned, so a script
+calling :func:`batchclassify.run` with ``processes > 1`` needs the usual
+``if __name__ == "__main__":`` guard (without it the run fails with that advice).
 
 Differences from one process, all documented: byte-identical copies found in different
 processes in the same run may cost one request per process (the dedup table is per process;
