@@ -511,6 +511,8 @@ def label_row(row: Result, labeler: Callable[[Result], str | None] | None) -> Re
     correct = None if label is None or not row.ok else row.top == label
     for name, value in (("label", label), ("correct", correct), ("labeled", True)):
         object.__setattr__(row, name, value)
+    # A row from a --processes worker comes serialised without its label: made again.
+    object.__setattr__(row, "_json", None)
     return row
 
 

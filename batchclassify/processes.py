@@ -17,7 +17,12 @@ because the parts that guarantee it are the same code, in the same process.
 
 A worker whose parent dies (``kill -9``) sees its control pipe close and exits at once: what it
 classified after the last commit is simply classified again by ``--resume``. A worker that dies
-stops the run (exit 2, "--resume completes it"), as a crash of a single-process run would.
+stops the run (exit 2, "--resume completes it"), as a crash of a single-process run would; one
+that raises sends its (redacted) message first. Workers ignore SIGINT and SIGTERM from their
+first instant (Ctrl-C reaches the whole process group, a service manager may signal them all):
+the parent alone decides to stop or abort, and tells them. Workers are spawned, so a script
+calling :func:`batchclassify.run` with ``processes > 1`` needs the usual
+``if __name__ == "__main__":`` guard (without it the run fails with that advice).
 
 Differences from one process, all documented: byte-identical copies found in different
 processes in the same run may cost one request per process (the dedup table is per process;
@@ -36,8 +41,9 @@ import os
 import signal
 import threading
 import time
-from collections.abc import AsyncGenerator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Iterator, Sequence
 from dataclasses import dataclass
+from multiprocessing import resource_tracker
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -48,7 +54,7 @@ from batchclassify.pipeline import REQUEST_ERROR_TYPES, Pipeline, PipelineOption
 from batchclassify.sources import STDIN, iter_items
 from batchclassify.state import Skipped, StateReader, select_items
 
-__all__ = ["ProcessPipeline", "auto_processes"]
+__all__ = ["ProcessPipeline", "auto_processes", "check_not_starting_worker"]
 
 log = logging.getLogger("batchclassify")
 
@@ -208,7 +214,8 @@ class ProcessPipeline:
         closed = threading.Event()
         context = multiprocessing.get_context("spawn")
         pumps: list[threading.Thread] = []
-        for spec in self._worker_specs():
+        # Stopped before the start (Ctrl-C at once): no worker is worth a second of start-up.
+        for spec in [] if self._stopping else self._worker_specs():
             rows_in, rows_out = context.Pipe(duplex=False)
             control_in, control_out = context.Pipe(duplex=False)
             process = context.Process(
@@ -217,7 +224,8 @@ class ProcessPipeline:
                 name=f"batchclassify-worker-{spec.number}",
                 daemon=True,
             )
-            process.start()
+            with _signals_blocked():
+                process.start()
             rows_out.close()  # the worker's ends: closed here, so EOF means the worker is gone
             control_in.close()
             self._processes.append(process)
@@ -245,9 +253,9 @@ class ProcessPipeline:
                 elif kind == "done":
                     reports[number] = payload
                     self._worker_ended(payload)
-                else:  # "lost": the pipe closed without a report
+                else:  # "failed" (with its message) or "lost": no report, the rows are all
                     reports[number] = _Report(taken=delivered[number])
-                    self._worker_lost(number)
+                    self._worker_lost(number, payload, heard=delivered[number] > 0)
         finally:
             if len(reports) < len(self._processes):
                 # The consumer stopped early (the writer failed): rows still coming are dropped.
@@ -278,16 +286,23 @@ class ProcessPipeline:
             self._fatal = RunAborted(report.fatal)
             self.stop()  # the others finish what they have in flight, as one process would
 
-    def _worker_lost(self, number: int) -> None:
+    def _worker_lost(self, number: int, failure: str | None, *, heard: bool) -> None:
         process = self._processes[number]
         process.join(timeout=5)
-        code = process.exitcode
-        how = f"was killed by signal {-code}" if code is not None and code < 0 else "ended"
         if self._fatal is None:
+            if failure is None:
+                code = process.exitcode
+                how = (
+                    f"was killed by signal {-code}"
+                    if code is not None and code < 0
+                    else f"ended (exit code {code})"
+                )
+                failure = f"worker process {number} (pid {process.pid}) {how} before reporting"
+                if not heard and _main_is_a_script():
+                    failure += _MAIN_GUARD_HINT
             self._fatal = RunAborted(
-                f"worker process {number} (pid {process.pid}) {how} before reporting its end: "
-                "every row it sent is saved; run the same command with --resume to complete "
-                "the rest"
+                f"{failure}: every row it sent is saved; run the same command with --resume "
+                "to complete the rest"
             )
         self.stop()
 
@@ -314,7 +329,7 @@ class ProcessPipeline:
                 dropped += len(payload)
             elif kind == "done":
                 reports[number] = payload
-            else:
+            else:  # failed or lost
                 reports[number] = _Report(taken=delivered[number])
         for number, process in enumerate(self._processes):
             if number not in reports:
@@ -356,6 +371,58 @@ def _add_usage(total: dict[str, Any] | None, usage: dict[str, Any]) -> dict[str,
     return total
 
 
+#: what the parent decides on for its workers (Ctrl-C reaches every process of the terminal's
+#: group; a service manager may send SIGTERM to every process of the job)
+_PARENT_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM})
+
+
+@contextlib.contextmanager
+def _signals_blocked() -> Iterator[None]:
+    """Start a worker with Ctrl-C blocked: a spawned process takes a second or so to import
+    its modules, and a Ctrl-C then would kill it with a KeyboardInterrupt before it could
+    ignore the signal. The mask is inherited through fork and exec; the worker ignores the
+    signals, then unblocks them. Here a signal that came meanwhile is delivered on exit."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    # Started first, on its own: starting it unblocks these signals on its way out (it
+    # protects itself the same way), which would unblock them for our start too.
+    resource_tracker.ensure_running()
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, _PARENT_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
+
+
+#: why a worker may die before its first row without a message of ours
+_MAIN_GUARD_HINT = (
+    " (if it died while starting, see its error above: a script that calls "
+    'batchclassify.run with processes > 1 must do so under if __name__ == "__main__":, '
+    "because each worker process imports the script again)"
+)
+
+
+def _main_is_a_script() -> bool:
+    """A worker imports the main module again when it is a file (not ``python -c``)."""
+    import __main__
+
+    return getattr(__main__, "__file__", None) is not None
+
+
+def check_not_starting_worker() -> None:
+    """Refuse a run started while a worker process imports the user's script (one without
+    the ``if __name__ == "__main__":`` guard): that run would be a second copy of the job,
+    fighting the first one over its state and outputs."""
+    if getattr(multiprocessing.current_process(), "_inheriting", False):
+        raise ConfigError(
+            "batchclassify.run was called while a --processes worker process was starting: "
+            "a worker imports your script again, so call run() under "
+            'if __name__ == "__main__": (see the multiprocessing documentation, "safe '
+            'importing of main module")'
+        )
+
+
 def _share(total: int, parts: int, number: int) -> int:
     """Part ``number`` of ``total`` split as evenly as integers allow."""
     return total // parts + (1 if number < total % parts else 0)
@@ -385,7 +452,7 @@ def _pump(
                 loop.call_soon_threadsafe(inbox.put_nowait, (number, kind, payload))
             except RuntimeError:  # the loop is closed
                 return
-            if kind in ("done", "lost"):
+            if kind != "rows":  # done, failed or lost: the worker has nothing more to say
                 return
     finally:
         rows.close()
@@ -397,39 +464,46 @@ def _pump(
 def _worker_main(spec: _WorkerSpec, rows: Connection, control: Connection) -> None:
     """A worker process: run its part, send rows and a last report."""
     # Ctrl-C reaches every process of the terminal's group: the parent decides (stop, then
-    # abort), and tells the workers.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _configure_logging(spec)
+    # abort), and tells the workers. Started with these blocked (_signals_blocked): ignored
+    # first, so one that came during the start is discarded, not delivered.
+    for signum in _PARENT_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _PARENT_SIGNALS)
+    client = spec.options.client
+    secrets = (client.api_key or "", *url_secrets(client.endpoint))
     try:
-        asyncio.run(_work(spec, rows, control))
-    finally:
+        _configure_logging(secrets, spec.log_level)
+        asyncio.run(_work(spec, rows, control, secrets))
+    except BaseException as exc:  # anything: told, redacted, never a raw traceback
+        # multiprocessing would print the traceback itself, unredacted: the message goes to
+        # the parent instead (which counts every row sent so far as all this worker did), the
+        # traceback through the redacting log handler.
+        log.error("worker process %d failed", spec.number, exc_info=True)
+        with contextlib.suppress(Exception):
+            rows.send(("failed", _failure(spec.number, exc, secrets)))
         rows.close()
+        os._exit(1)
+    rows.close()
 
 
-def _configure_logging(spec: _WorkerSpec) -> None:
+def _failure(number: int, exc: BaseException, secrets: Sequence[str]) -> str:
+    return redact(f"worker process {number} failed: {type(exc).__name__}: {exc}", *secrets)
+
+
+def _configure_logging(secrets: Sequence[str], level: int) -> None:
     from batchclassify import cli  # the parent's handler: same format, same redaction
 
-    client = spec.options.client
-    cli.set_secrets([client.api_key or "", *url_secrets(client.endpoint)])
-    cli.configure_logging_level(spec.log_level)
+    cli.set_secrets(secrets)
+    cli.configure_logging_level(level)
 
 
-async def _work(spec: _WorkerSpec, rows: Connection, control: Connection) -> None:
-    reader = StateReader(spec.state_path) if spec.state_path is not None else None
-    skipped = Skipped()
-    items = select_items(
-        iter_items(spec.specs, spec.options.sources),
-        reader=reader if spec.resume else None,
-        shard=spec.shard,
-        skipped=skipped,
-        part=spec.part,
-    )
-    # Dedup reads the state too (the answers of earlier runs), through its own connection.
-    dedup_store = StateReader(spec.state_path) if spec.state_path is not None else None
-    pipeline = Pipeline(spec.specs, spec.options, items=items, store=dedup_store)
-    _listen(control, pipeline, asyncio.get_running_loop())
+async def _work(
+    spec: _WorkerSpec, rows: Connection, control: Connection, secrets: Sequence[str]
+) -> None:
     report = _Report()
     batch: list[Result] = []
+    unsent = 0  # rows the pipeline gave that could not be batched (a failure): not reported
 
     def send() -> None:
         if batch:
@@ -441,39 +515,63 @@ async def _work(spec: _WorkerSpec, rows: Connection, control: Connection) -> Non
             await asyncio.sleep(_BATCH_DELAY)
             send()
 
-    sender = asyncio.create_task(send_regularly())
-    try:
-        async with contextlib.aclosing(pipeline.results()) as results:
-            async for result in results:
-                record_json(result)  # serialised here, on this core: the parent reuses it
-                batch.append(result)
-                if len(batch) >= _BATCH_ROWS:
-                    send()
-    except RunAborted as exc:
-        report.fatal = str(exc)
-    except Exception as exc:  # a bug: the parent stops the run with this message
-        log.debug("worker %d failed", spec.number, exc_info=True)
-        report.fatal = redact(
-            f"worker process {spec.number} failed: {type(exc).__name__}: {exc}",
-            spec.options.client.api_key or "",
-        )
-    finally:
-        sender.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await sender
-        for store in (reader, dedup_store):
-            if store is not None:
-                store.close()
+    skipped = Skipped()
+    pipeline: Pipeline | None = None
+    async with contextlib.AsyncExitStack() as stack:
+        try:
+            reader = None
+            dedup_store = None
+            if spec.state_path is not None:
+                reader = stack.enter_context(contextlib.closing(StateReader(spec.state_path)))
+                # Dedup reads the state too (the answers of earlier runs): its own connection.
+                dedup_store = stack.enter_context(contextlib.closing(StateReader(spec.state_path)))
+            items = select_items(
+                iter_items(spec.specs, spec.options.sources),
+                reader=reader if spec.resume else None,
+                shard=spec.shard,
+                skipped=skipped,
+                part=spec.part,
+            )
+            pipeline = Pipeline(spec.specs, spec.options, items=items, store=dedup_store)
+            _listen(control, pipeline, asyncio.get_running_loop())
+            sender = asyncio.create_task(send_regularly())
+            stack.push_async_callback(_cancelled, sender)
+            async with contextlib.aclosing(pipeline.results()) as results:
+                try:
+                    async for result in results:
+                        unsent += 1
+                        record_json(result)  # serialised here, on this core: the parent reuses it
+                        batch.append(result)
+                        unsent -= 1
+                        if len(batch) >= _BATCH_ROWS:
+                            send()
+                except BaseException:
+                    # Before the generator closes: an abort counts what is still queued or in
+                    # flight as not started (a plain close would leave the queue uncounted).
+                    pipeline.abort()
+                    raise
+        except RunAborted as exc:
+            report.fatal = str(exc)
+        except Exception as exc:  # a bug: the parent stops the run with this message
+            log.error("worker process %d failed", spec.number, exc_info=True)
+            report.fatal = _failure(spec.number, exc, secrets)
     send()
-    report.taken = pipeline.taken
-    report.dropped = pipeline.dropped
-    report.requests_sent = pipeline.requests_sent
-    report.downloads_sent = pipeline.downloads_sent
-    report.reused = pipeline.reused
-    report.usage = pipeline.usage()
+    if pipeline is not None:
+        report.taken = pipeline.taken
+        report.dropped = pipeline.dropped + unsent
+        report.requests_sent = pipeline.requests_sent
+        report.downloads_sent = pipeline.downloads_sent
+        report.reused = pipeline.reused
+        report.usage = pipeline.usage()
     report.done_earlier = skipped.done_earlier
     report.other_shards = skipped.other_shards
     rows.send(("done", report))
+
+
+async def _cancelled(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 def _listen(control: Connection, pipeline: Pipeline, loop: asyncio.AbstractEventLoop) -> None:

@@ -105,6 +105,10 @@ async def run(
     """
     state = state or JobState()
     summary = Path(summary_path) if summary_path is not None else None
+    if options.processes > 1:
+        from batchclassify.processes import check_not_starting_worker
+
+        check_not_starting_worker()  # a script without a main guard: a clear error
     check_sources(specs)
     # Object outputs become local staging files from here on; uploads wrap their sinks below.
     outputs, staged = objects.stage_outputs(
