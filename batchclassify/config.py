@@ -121,6 +121,8 @@ class RunSettings:
     #: images per request on a self-hosted server's batch route; ``auto``: see batching
     batch_size: int | str = 1
     shutdown_grace: float = 10.0
+    #: the event loop: uvloop when installed (``auto``), or ``asyncio``/``uvloop`` by name
+    event_loop: str = "auto"
     #: ``None``: beside the first file output; ``""``: no state
     state: str | None = None
     resume: bool = False
@@ -198,6 +200,11 @@ class RunSettings:
             f"must be a number of processes (at least 1) or auto, got {self.processes!r}",
         )
         _check(math.isfinite(self.shutdown_grace), "shutdown_grace", "must be finite")
+        _check(
+            self.event_loop in ("auto", "asyncio", "uvloop"),
+            "event_loop",
+            f"must be auto, asyncio or uvloop, got {self.event_loop!r}",
+        )
         _check(self.interval is None or self.interval > 0, "interval", "must be positive")
         _check(self.upload_interval > 0, "upload_interval", "must be positive")
         _check(
@@ -327,6 +334,7 @@ class RunSettings:
                 else int(self.processes)
             ),
             batch_size=self._batch_size(endpoints),
+            event_loop=self.event_loop,  # type: ignore[arg-type]
         )
 
     def _batch_size(self, endpoints: Sequence[str]) -> int:

@@ -84,6 +84,10 @@ class ContentDedup:
         )
 
 
+#: hex digits of a digest that make the filter's probes (7 x 26 bits)
+_HEX_DIGITS = 46
+
+
 class HashFilter:
     """A Bloom filter of SHA-256 hex digests: ``in`` is never wrong when it says no, and wrong
     about one time in a thousand when it says yes, up to ~4 million digests (8 MiB, allocated
@@ -96,16 +100,16 @@ class HashFilter:
         self._bits = bytearray(self._BITS // 8)
 
     def _positions(self, digest: str) -> list[int]:
-        # The digest is already uniformly random: its hex slices are independent probes.
-        mask = self._BITS - 1
-        if len(digest) < 8 * self._PROBES:  # not a SHA-256 hex digest: make one of it
-            digest = hashlib.sha256(digest.encode("utf-8", "surrogatepass")).hexdigest()
+        # The digest is already uniformly random: 26-bit slices of it are independent probes.
         try:
-            return [int(digest[8 * n : 8 * n + 8], 16) & mask for n in range(self._PROBES)]
+            value = int(digest[:_HEX_DIGITS], 16)
         except ValueError:
-            return self._positions(
-                hashlib.sha256(digest.encode("utf-8", "surrogatepass")).hexdigest()
-            )
+            value = -1
+        if value < 0 or len(digest) < _HEX_DIGITS:  # not a SHA-256 hex digest: make one of it
+            raw = hashlib.sha256(digest.encode("utf-8", "surrogatepass")).hexdigest()
+            value = int(raw[:_HEX_DIGITS], 16)
+        mask = self._BITS - 1
+        return [(value >> (26 * n)) & mask for n in range(self._PROBES)]
 
     def add(self, digest: str) -> None:
         bits = self._bits

@@ -47,6 +47,7 @@ from batchclassify.errors import (
     RunAborted,
 )
 from batchclassify.handoff import BatchedHandoff
+from batchclassify.loop import EventLoop
 from batchclassify.model import ErrorInfo, Item, Result
 from batchclassify.prepare import (
     PreparedImage,
@@ -110,6 +111,8 @@ class PipelineOptions:
     #: images per request to a self-hosted server's batch route (``--batch-size``); 1: one
     #: image per request on the classic route
     batch_size: int = 1
+    #: the event loop of ``--processes`` workers (see :mod:`batchclassify.loop`)
+    event_loop: EventLoop = "auto"
 
     def __post_init__(self) -> None:
         if self.processes < 1:

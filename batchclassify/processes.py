@@ -48,6 +48,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+from batchclassify import loop as event_loop
 from batchclassify.errors import ConfigError, RunAborted, redact, url_secrets
 from batchclassify.model import Result, record_json
 from batchclassify.pipeline import REQUEST_ERROR_TYPES, Pipeline, PipelineOptions, label_row
@@ -474,7 +475,7 @@ def _worker_main(spec: _WorkerSpec, rows: Connection, control: Connection) -> No
     secrets = (client.api_key or "", *url_secrets(client.endpoint))
     try:
         _configure_logging(secrets, spec.log_level)
-        asyncio.run(_work(spec, rows, control, secrets))
+        event_loop.run(_work(spec, rows, control, secrets), spec.options.event_loop)
     except BaseException as exc:  # anything: told, redacted, never a raw traceback
         # multiprocessing would print the traceback itself, unredacted: the message goes to
         # the parent instead (which counts every row sent so far as all this worker did), the

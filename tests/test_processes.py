@@ -671,3 +671,22 @@ async def test_the_library_api_with_processes_from_a_script(
     assert "ConfigError: batchclassify.run was called while a --processes worker" in bad_stderr
     # ... and the job itself says why its worker died.
     assert "each worker process imports the script again" in bad_stderr
+
+
+async def test_requests_per_server_add_up_over_the_workers(
+    tmp_path: Path, start_emulator: StartEmulator
+) -> None:
+    first, second = await start_emulator(), await start_emulator()
+    dataset(tmp_path / "in", 40)
+    out = tmp_path / "r.jsonl"
+    summary = tmp_path / "summary.json"
+    code, stderr = await cli(
+        *command(first, tmp_path / "in", out, "--processes", "2", "--endpoint", second),
+        "--summary",
+        str(summary),
+    )
+    assert code == 0, stderr
+    stats = json.loads(summary.read_text())
+    served = [(await emulator_stats(url))["requests"] for url in (first, second)]
+    assert sum(served) == 40 and min(served) > 0
+    assert [stats["endpoints"][url]["requests"] for url in (first, second)] == served

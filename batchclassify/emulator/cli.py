@@ -10,6 +10,7 @@ import signal
 import sys
 from dataclasses import fields
 
+from batchclassify import loop as event_loop
 from batchclassify.emulator.config import (
     DEFAULT_GPU_BATCH_LATENCY_MS,
     DEFAULT_GPU_PER_IMAGE_MS,
@@ -376,7 +377,7 @@ def serve_from_args(args: argparse.Namespace) -> int:
     """Run the emulator until Ctrl-C or SIGTERM; return the process exit status."""
     config = config_from_args(args)
     try:
-        return asyncio.run(_serve(config, args.host, args.port))
+        return event_loop.run(_serve(config, args.host, args.port))
     except KeyboardInterrupt:  # Ctrl-C before the signal handlers were installed, or Windows
         return 0
 
