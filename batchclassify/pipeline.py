@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import dataclasses
-import functools
 import hashlib
 import itertools
 import logging
@@ -243,8 +242,9 @@ class Pipeline:
         executor = ThreadPoolExecutor(
             max_workers=threads, thread_name_prefix="batchclassify-prepare"
         )
+        prepare = options.prepare
         self._prepare_file = BatchedHandoff(
-            functools.partial(_file_payload, options=options.prepare), executor, threads
+            lambda path: _file_payload(path, prepare), executor, threads
         )
         self.throttle = Throttle(options.throttle)
         self._dedup = ContentDedup(self._store) if options.dedup else None
