@@ -912,9 +912,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "scan":
             settings = settings.updated(resume=True)
         sources = list(settings.sources)
-        return event_loop.run(
-            _run_command(sources, settings, scan=args.command == "scan"), settings.event_loop
-        )
+        try:
+            return event_loop.run(
+                _run_command(sources, settings, scan=args.command == "scan"), settings.event_loop
+            )
+        finally:
+            _quiet_exit_on_interrupt()
     except ConfigError as exc:
         _say(f"error: {exc}")
         return EXIT_USAGE
@@ -1030,6 +1033,14 @@ def _how_to_continue(has_state: bool, *, scan: bool, resuming: bool) -> str:
     if resuming:
         return "interrupted: run the same command again to continue where it stopped"
     return "interrupted: run the same command with --resume to continue where it stopped"
+
+
+def _quiet_exit_on_interrupt() -> None:
+    """From here on the outputs are closed and the summary printed: a Ctrl-C that comes while
+    the interpreter winds down (joining worker processes and threads) ends it with the
+    interrupted status at once, instead of a KeyboardInterrupt traceback or death by signal."""
+    with contextlib.suppress(ValueError):  # not the main thread: nothing to do
+        signal.signal(signal.SIGINT, lambda _signum, _frame: os._exit(EXIT_INTERRUPTED))
 
 
 class _Interrupts:
