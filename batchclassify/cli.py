@@ -916,6 +916,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return event_loop.run(
                 _run_command(sources, settings, scan=args.command == "scan"), settings.event_loop
             )
+        except KeyboardInterrupt:
+            # A Ctrl-C before the run's handlers were in place, or after they were removed
+            # with the closing loop (the run had ended and said so): an interruption all the
+            # same, not a traceback.
+            return EXIT_INTERRUPTED
         finally:
             _quiet_exit_on_interrupt()
     except ConfigError as exc:

@@ -269,7 +269,10 @@ class Pipeline:
                 if self._batcher is not None:
                     await self._batcher.aclose()
                 executor.shutdown(wait=False, cancel_futures=True)
-                # Results finished but never taken (the consumer stopped early) count as dropped.
+                # Items queued but never started (an abort after the producer had finished),
+                # and results finished but never taken (the consumer stopped early), are
+                # dropped: a resumed run picks them up.
+                self.dropped += sum(1 for left in _drain(todo, 0) if left is not _END)
                 self.dropped += sum(1 for left in _drain(done, 0) if left is not _END)
         if self._fatal is not None:
             raise self._fatal

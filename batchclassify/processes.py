@@ -253,6 +253,13 @@ class ProcessPipeline:
                         yield self._checked(row)
                 elif kind == "done":
                     reports[number] = payload
+                    log.debug(
+                        "worker %d done: %d taken, %d rows sent, %d not started",
+                        number,
+                        payload.taken,
+                        delivered[number],
+                        payload.dropped,
+                    )
                     self._worker_ended(payload)
                 else:  # "failed" (with its message) or "lost": no report, the rows are all
                     reports[number] = _Report(taken=delivered[number])

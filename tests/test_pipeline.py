@@ -227,6 +227,25 @@ async def test_a_stop_before_the_producer_started_still_ends_the_run(
     assert pipeline.taken == pipeline.dropped
 
 
+async def test_an_abort_after_every_input_was_queued_counts_the_queued_ones(
+    tmp_path: Path, start_emulator: StartEmulator
+) -> None:
+    url = await start_emulator(latency_ms=300)
+    make_dataset(tmp_path / "in", 12)
+    # 12 inputs fit the queue: the producer is done long before the abort.
+    pipeline = Pipeline([str(tmp_path / "in")], options(url, concurrency=2, queue_size=16))
+    received = 0
+    results = pipeline.results()
+    first = await anext(results)
+    received += first is not None
+    pipeline.abort()
+    async for _ in results:
+        received += 1
+    assert pipeline.taken == 12
+    # It lost the ones still queued: taken was 12, received + dropped less than that.
+    assert received + pipeline.dropped == 12, (received, pipeline.dropped)
+
+
 async def test_memory_bound_queue_does_not_read_ahead(
     tmp_path: Path, start_emulator: StartEmulator
 ) -> None:
