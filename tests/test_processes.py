@@ -419,7 +419,7 @@ async def test_ctrl_c_while_workers_start_then_twice_then_resume_is_exactly_once
     """Ctrl-C reaches every process of the group. A worker still importing its modules must
     not die of it (it would stop the run as a crash); a second Ctrl-C aborts the requests in
     flight; either way --resume completes the run, each input once."""
-    url = await start_emulator(latency_ms=50)
+    url = await start_emulator(latency_ms=200)  # slow enough that no load lets it finish first
     files = dataset(tmp_path / "in", 40)
     out = tmp_path / "r.jsonl"
     args = command(url, tmp_path / "in", out, "--processes", "2", "--concurrency", "4")
