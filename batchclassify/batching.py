@@ -116,6 +116,12 @@ class Batcher:
             if not waiting.future.done():
                 waiting.future.set_result(Response(answer=answer, attempts=waiting.attempts))
 
+    def abort(self) -> None:
+        """Cancel every batch in flight (the run is stopping now): their workers, cancelled
+        too, count their images as not started."""
+        for task in self._sending:
+            task.cancel()
+
     async def aclose(self) -> None:
         """Send what is still waiting and let the batches in flight finish."""
         self._flush()

@@ -134,6 +134,8 @@ class ClientOptions:
     routes: tuple[Route, ...] = field(default=(), init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        if self.concurrency < 1:
+            raise ConfigError(f"concurrency must be at least 1, got {self.concurrency}")
         # Frozen: the defaults that depend on other fields are settled once, here.
         urls = tuple(resolve_endpoint(url) for url in (self.endpoints or (self.endpoint,)))
         if len({url.rstrip("/") for url in urls}) != len(urls):

@@ -39,6 +39,7 @@ from batchclassify.client import ClassifyClient, ClientOptions
 from batchclassify.dedup import ContentDedup, StoredAnswers
 from batchclassify.errors import (
     BatchClassifyError,
+    ConfigError,
     FatalApiError,
     InputError,
     ItemRejectedError,
@@ -116,6 +117,13 @@ class PipelineOptions:
     def __post_init__(self) -> None:
         if self.processes < 1:
             raise ValueError("processes must be at least 1")
+        if self.processes > self.client.concurrency:
+            # A process with no request in flight would take its part of the inputs and
+            # never classify it.
+            raise ConfigError(
+                f"--processes {self.processes} is more than --concurrency "
+                f"{self.client.concurrency}: each process needs at least one request in flight"
+            )
         if self.batch_size < 1:
             raise ValueError("batch_size must be at least 1")
         # How images are encoded follows how the client uploads them: one setting, not two.
@@ -229,6 +237,8 @@ class Pipeline:
         self._stopping = True
         for task in self._workers:
             task.cancel()
+        if self._batcher is not None:
+            self._batcher.abort()  # a batch being retried would hold the run for minutes
 
     async def results(self) -> AsyncGenerator[Result, None]:
         """Yield one result per input as it completes (not in input order). Raises

@@ -374,6 +374,12 @@ class _Writer:
     def _problems(self, pipeline: RunningPipeline) -> list[str]:
         problems: list[str] = []
         accounted = self.received + pipeline.dropped
+        if pipeline.dropped and not pipeline.stopping and self.stats.aborted is None:
+            # Inputs are left out only when something stopped the run; otherwise a part of
+            # the job would silently go missing.
+            problems.append(
+                f"{pipeline.dropped} inputs were not started, yet nothing stopped the run"
+            )
         if pipeline.taken != accounted:
             problems.append(
                 f"{pipeline.taken} inputs were taken but {self.received} results came back and "

@@ -18,7 +18,9 @@ from helpers import (
     read_jsonl,
     run_cli,
 )
+from hostile import HostileServer
 
+from batchclassify import Pipeline, PipelineOptions
 from batchclassify.batching import Batcher, auto_batch_size
 from batchclassify.client import ClassifyClient, ClientOptions, Response
 from batchclassify.config import RunSettings
@@ -196,3 +198,25 @@ def test_batch_size_settings() -> None:
     for bad in (0, -2, "lots"):
         with pytest.raises(ConfigError, match="batch-size"):
             RunSettings(model="demo/1", batch_size=bad)  # type: ignore[arg-type]
+
+
+async def test_an_abort_cancels_the_batches_in_flight(
+    tmp_path: Path, hostile_server: HostileServer
+) -> None:
+    hostile_server.slow_seconds = 60.0  # a hung server: only an abort ends these batches
+    for n in range(6):
+        make_image(tmp_path / "in" / f"{n}.jpg", seed=n, size=(24, 24))
+    client = ClientOptions(
+        endpoint=hostile_server.url("slow"), model="demo", version=1, api_key=KEY, concurrency=6
+    )
+    pipeline = Pipeline([str(tmp_path / "in")], PipelineOptions(client=client, batch_size=3))
+    results = pipeline.results()
+    first = asyncio.ensure_future(anext(results))
+    for _ in range(100):  # until both batches are on the server
+        if hostile_server.requests["slow"] >= 2:
+            break
+        await asyncio.sleep(0.05)
+    pipeline.abort()  # a second Ctrl-C
+    with pytest.raises(StopAsyncIteration):
+        await asyncio.wait_for(first, 10)  # not after the server's 60 s, nor the retries
+    assert pipeline.taken == 6 and pipeline.dropped == 6
