@@ -1,5 +1,5 @@
-from batchclassify.cli import main
+from batchclassify.cli import program
 
 # Guarded: a worker process of --processes (multiprocessing's spawn) imports this module again.
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(program())

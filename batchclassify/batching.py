@@ -30,7 +30,8 @@ AUTO_MIN, AUTO_MAX = 2, 32
 
 
 def auto_batch_size(concurrency: int) -> int:
-    return max(AUTO_MIN, min(AUTO_MAX, concurrency // 4))
+    """``--batch-size auto`` for ``concurrency`` images in flight (in one process)."""
+    return max(1, min(concurrency, max(AUTO_MIN, min(AUTO_MAX, concurrency // 4))))
 
 
 @dataclass

@@ -726,11 +726,12 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     speed.add_argument(
         "--hedge-after",
         type=_hedge_after,
-        metavar="S|auto",
+        metavar="S|auto|off",
         help="send a classify request still pending after S seconds once more (to another "
         "server of a fleet when there is one); the first answer wins, the other is cancelled, "
         "one row either way. 'auto': after the p95 of recent latencies. At most 6%% of requests "
-        "are hedged. Off by default: each copy is a request the service may bill",
+        "are hedged. Off by default (off turns off what a config file turned on): each copy is "
+        "a request the service may bill",
     )
     speed.add_argument(
         "--max-outage",
@@ -826,13 +827,13 @@ def _confidence(text: str) -> float | str:
         ) from None
 
 
-def _number_or_auto(what: str, kind: type[int] | type[float] = int) -> Any:
-    """An argparse type: a number (``4``, or ``2.5`` for a float ``kind``) or ``auto``;
-    ranges are checked with the other settings."""
+def _number_or_auto(what: str, kind: type[int] | type[float] = int, *, off: bool = False) -> Any:
+    """An argparse type: a number (``4``, or ``2.5`` for a float ``kind``) or ``auto`` (and
+    ``off`` when it may be turned off); ranges are checked with the other settings."""
 
     def parse(text: str) -> int | float | str:
         lowered = text.strip().lower()
-        if lowered == "auto":
+        if lowered == "auto" or (off and lowered == "off"):
             return lowered
         try:
             return kind(lowered)
@@ -846,7 +847,7 @@ def _number_or_auto(what: str, kind: type[int] | type[float] = int) -> Any:
 
 _processes = _number_or_auto("processes")
 _batch_size = _number_or_auto("images")
-_hedge_after = _number_or_auto("seconds", float)
+_hedge_after = _number_or_auto("seconds", float, off=True)
 
 
 def _names(text: str) -> tuple[str, ...]:
@@ -921,8 +922,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             # with the closing loop (the run had ended and said so): an interruption all the
             # same, not a traceback.
             return EXIT_INTERRUPTED
-        finally:
-            _quiet_exit_on_interrupt()
     except ConfigError as exc:
         _say(f"error: {exc}")
         return EXIT_USAGE
@@ -1040,12 +1039,16 @@ def _how_to_continue(has_state: bool, *, scan: bool, resuming: bool) -> str:
     return "interrupted: run the same command with --resume to continue where it stopped"
 
 
-def _quiet_exit_on_interrupt() -> None:
-    """From here on the outputs are closed and the summary printed: a Ctrl-C that comes while
-    the interpreter winds down (joining worker processes and threads) ends it with the
-    interrupted status at once, instead of a KeyboardInterrupt traceback or death by signal."""
+def program() -> int:
+    """The ``batchclassify`` program: :func:`main`, then the interpreter's exit. By then the
+    outputs are closed and the summary printed, so a Ctrl-C that comes while the interpreter
+    winds down (joining worker processes and threads) ends it with the interrupted status at
+    once, instead of a KeyboardInterrupt traceback or death by signal. (:func:`main` itself
+    leaves the process's signal handling as it found it, for callers in-process.)"""
+    code = main()
     with contextlib.suppress(ValueError):  # not the main thread: nothing to do
         signal.signal(signal.SIGINT, lambda _signum, _frame: os._exit(EXIT_INTERRUPTED))
+    return code
 
 
 class _Interrupts:
@@ -1385,4 +1388,4 @@ def _say(message: str) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(program())

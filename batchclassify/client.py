@@ -592,7 +592,7 @@ class ClassifyClient:
             where = without_userinfo(location) if location else "nowhere (no Location header)"
             message = self.redact(f"HTTP {status} redirect to {where}")
             raise FatalApiError(message, http_status=status)
-        message = self.redact(_error_message(status, body))
+        message = _error_message(status, body, self.redact)
         if status == 413:
             message += (
                 "; the server found the upload too large: use --max-size (e.g. --max-size 1024) "
@@ -624,7 +624,7 @@ class ClassifyClient:
             async with session.get(url, max_redirects=_MAX_DOWNLOAD_REDIRECTS) as response:
                 if response.status != 200:
                     text = await read_body(response, _ERROR_BODY_LIMIT, truncate=True)
-                    message = _error_message(response.status, text)
+                    message = _error_message(response.status, text, self.redact)
                     # The image's host, not the classify service: its 404 is this item's problem.
                     error = error_for_status(
                         response.status,
@@ -717,7 +717,7 @@ class ClassifyClient:
             )
         if 300 <= status < 400:
             raise FatalApiError(self.redact(f"HTTP {status} redirect"), http_status=status)
-        message = self.redact(_error_message(status, answer_body))
+        message = _error_message(status, answer_body, self.redact)
         raise error_for_status(status, message, retry_after=retry_after)
 
     def _check_endpoint_reached(self, endpoint: Endpoint, exc: aiohttp.ClientError) -> None:
@@ -883,8 +883,11 @@ def _oversized(limit: int) -> OversizedResponseError:
     )
 
 
-def _error_message(status: int, body: bytes) -> str:
-    """The server's own words for an error, from a JSON ``message``/``detail`` or plain text."""
+def _error_message(status: int, body: bytes, redact: Callable[[str], str]) -> str:
+    """The server's own words for an error, from a JSON ``message``/``detail`` or plain text,
+    with ``redact`` applied to the whole of them before they are cut short: a server that
+    echoes the request (a 422 quoting the batch route's body, which holds the key) must not
+    leave the start of a key at the cut."""
     try:
         parsed = json.loads(body.decode("utf-8"))
     except (ValueError, RecursionError):
@@ -893,7 +896,7 @@ def _error_message(status: int, body: bytes) -> str:
         for key in ("message", "detail", "error"):
             if key in parsed:
                 value = parsed[key]
-                text = value if isinstance(value, str) else json.dumps(value)[:_MESSAGE_LIMIT]
-                return f"HTTP {status}: {snippet(text, _MESSAGE_LIMIT)}"
-    excerpt = snippet(body, _MESSAGE_LIMIT)
+                text = value if isinstance(value, str) else json.dumps(value)
+                return f"HTTP {status}: {snippet(redact(text), _MESSAGE_LIMIT)}"
+    excerpt = snippet(redact(body.decode("utf-8", "replace")), _MESSAGE_LIMIT)
     return f"HTTP {status}: {excerpt}" if excerpt else f"HTTP {status}"

@@ -250,9 +250,11 @@ class RunSettings:
         value = self.hedge_after
         try:
             if isinstance(value, str):
-                return parse_hedge_after(value)
+                return parse_hedge_after(value)  # "off" too
+            if value == 0:
+                return None  # 0 seconds: off, as parse_hedge_after reads "0"
             if value is not None and not (math.isfinite(value) and value > 0):
-                raise ValueError(f"must be a positive number of seconds or auto, got {value!r}")
+                raise ValueError(f"must be a number of seconds, auto or off, got {value!r}")
             return None if value is None else HedgeOptions(after=value)
         except ValueError as exc:
             raise ConfigError(f"--hedge-after {exc}") from None
@@ -287,6 +289,11 @@ class RunSettings:
                 "built-in emulator"
             )
         endpoints = self.endpoints
+        processes = (
+            auto_processes(self.concurrency, sources)
+            if self.processes == "auto"
+            else int(self.processes)
+        )
         # An image must fit every server of a fleet: the smallest documented limit.
         limits = [endpoint_defaults(url).upload_limit for url in endpoints]
         upload_limit = min((limit for limit in limits if limit is not None), default=None)
@@ -328,21 +335,23 @@ class RunSettings:
             queue_size=self.queue_size,
             max_failures=self.max_failures,
             dedup=self.dedup,
-            processes=(
-                auto_processes(self.concurrency, sources)
-                if self.processes == "auto"
-                else int(self.processes)
-            ),
-            batch_size=self._batch_size(endpoints),
+            processes=processes,
+            batch_size=self._batch_size(endpoints, self.concurrency // processes),
             event_loop=self.event_loop,  # type: ignore[arg-type]
         )
 
-    def _batch_size(self, endpoints: Sequence[str]) -> int:
+    def _batch_size(self, endpoints: Sequence[str], in_flight: int) -> int:
+        """``in_flight``: the images in flight of one process, which fill its batches."""
         from batchclassify.batching import auto_batch_size
 
-        size = (
-            auto_batch_size(self.concurrency) if self.batch_size == "auto" else int(self.batch_size)
-        )
+        size = auto_batch_size(in_flight) if self.batch_size == "auto" else int(self.batch_size)
+        if size > max(in_flight, 1):
+            raise ConfigError(
+                f"--batch-size {size} is more than the {in_flight} images in flight per process "
+                f"(--concurrency {self.concurrency}): a batch fills from those. Raise "
+                "--concurrency to 2-4 times the batch size, so batches fill while others are "
+                "served"
+            )
         hosted = any(endpoint_defaults(url).hosted for url in endpoints)
         if size > 1 and hosted and not self.emulate:
             raise ConfigError(

@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -43,7 +44,7 @@ from urllib.parse import urlsplit
 
 from batchclassify import emulator
 from batchclassify.config import RunSettings
-from batchclassify.errors import ConfigError, RunAborted
+from batchclassify.errors import ConfigError, RunAborted, without_userinfo
 from batchclassify.paths import PlannedPath, check_paths
 from batchclassify.state import StateReader
 from batchclassify.summary import RunStats
@@ -182,6 +183,8 @@ class JobPlan:
     #: the shard count of the job being resumed (from its manifest)
     resumed_shards: int | None
     api_key: str | None = field(repr=False)
+    #: the endpoint(s) as given, user:password included (the settings carry them without)
+    endpoint: str | tuple[str, ...] = field(default="", repr=False)
 
 
 def plan_job(sources: Sequence[str], settings: RunSettings, options: DistributeOptions) -> JobPlan:
@@ -237,12 +240,15 @@ def plan_job(sources: Sequence[str], settings: RunSettings, options: DistributeO
     return JobPlan(
         sources=tuple(sources),
         # The key travels apart (see the module docstring); api_key_file was read already.
-        settings=settings.updated(api_key=None, api_key_file=None),
+        settings=settings.updated(
+            api_key=None, api_key_file=None, endpoint=_without_credentials(settings.endpoint)
+        ),
         outputs=outputs,
         parts_dir=parts_dir,
         options=options,
         resumed_shards=resumed,
         api_key=key,
+        endpoint=settings.endpoint,
     )
 
 
@@ -424,7 +430,7 @@ def _run_shards(
         retry_exceptions=False,
     )
     rate = _shard_rate(plan.settings.rate, shards, _cluster_cpus(ray))
-    secret = _Secret(plan.api_key)
+    secret = _Secret(plan.api_key, plan.endpoint)
     pending: dict[Any, int] = {}
     for index, rerun in to_run:
         shard_plan = ShardPlan(
@@ -503,6 +509,12 @@ def _state_counts(path: Path, *, all_failures: bool) -> tuple[int | None, int]:
         reader.close()
 
 
+def _without_credentials(endpoint: str | tuple[str, ...]) -> str | tuple[str, ...]:
+    if isinstance(endpoint, str):
+        return without_userinfo(endpoint)
+    return tuple(without_userinfo(url) for url in endpoint)
+
+
 def _collect(ray: Any, ref: Any, index: int) -> ShardReport:
     try:
         report = ray.get(ref)
@@ -545,19 +557,24 @@ def merged_stats(reports: Sequence[ShardReport], started: float) -> RunStats:
 
 
 class _Secret:
-    """The API key on its way to a task: never shown by ``repr`` (Ray prints task arguments
-    in some errors)."""
+    """The API key and the endpoint(s) with their credentials, on their way to a task: never
+    shown by ``repr`` (Ray prints task arguments in some errors, and shows them in its
+    dashboard)."""
 
-    __slots__ = ("_value",)
+    __slots__ = ("_endpoint", "_value")
 
-    def __init__(self, value: str | None) -> None:
+    def __init__(self, value: str | None, endpoint: str | tuple[str, ...] = "") -> None:
         self._value = value
+        self._endpoint = endpoint
 
     def __repr__(self) -> str:
         return "_Secret(***)"
 
     def reveal(self) -> str | None:
         return self._value
+
+    def endpoint(self) -> str | tuple[str, ...]:
+        return self._endpoint
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -602,6 +619,8 @@ def run_shard(plan: ShardPlan, key: _Secret) -> ShardReport:
 
     A plain function (``ray.remote`` wraps it at submit time, so this module imports without
     Ray). Safe to run again after any crash: it resumes from the shard's state."""
+    if key.endpoint():
+        plan = dataclasses.replace(plan, settings=plan.settings.updated(endpoint=key.endpoint()))
     return asyncio.run(_run_shard(plan, key.reveal()))
 
 

@@ -56,16 +56,18 @@ class HedgeOptions:
 def parse_hedge_after(text: str) -> HedgeOptions | None:
     """``"auto"``, ``"2.5"`` (seconds) or ``"off"``/``"0"``... -> options (``None``: off)."""
     value = text.strip().lower()
-    if value in ("", "off", "none", "no"):
+    if value in ("", "off", "none", "no", "0"):
         return None
     if value == "auto":
         return HedgeOptions()
     try:
         seconds = float(value)
     except ValueError:
-        raise ValueError(f"must be a number of seconds or auto, got {text!r}") from None
-    if not math.isfinite(seconds) or seconds <= 0:
-        raise ValueError(f"must be a positive number of seconds or auto, got {text!r}")
+        raise ValueError(f"must be a number of seconds, auto or off, got {text!r}") from None
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValueError(f"must be a number of seconds, auto or off, got {text!r}")
+    if seconds == 0:
+        return None
     return HedgeOptions(after=seconds)
 
 

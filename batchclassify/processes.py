@@ -138,7 +138,6 @@ class ProcessPipeline:
         self._stopping = False
         self._fatal: RunAborted | None = None
         self._failures = 0
-        self._secrets = (options.client.api_key, *url_secrets(options.client.endpoint))
         self.taken = 0
         self.dropped = 0
         self.requests_sent = 0
@@ -216,40 +215,52 @@ class ProcessPipeline:
         context = multiprocessing.get_context("spawn")
         pumps: list[threading.Thread] = []
         # Stopped before the start (Ctrl-C at once): no worker is worth a second of start-up.
-        for spec in [] if self._stopping else self._worker_specs():
-            rows_in, rows_out = context.Pipe(duplex=False)
-            control_in, control_out = context.Pipe(duplex=False)
-            process = context.Process(
-                target=_worker_main,
-                args=(spec, rows_out, control_in),
-                name=f"batchclassify-worker-{spec.number}",
-                daemon=True,
-            )
-            with _signals_blocked():
-                process.start()
-            rows_out.close()  # the worker's ends: closed here, so EOF means the worker is gone
-            control_in.close()
-            self._processes.append(process)
-            self._controls.append(control_out)
-            pump = threading.Thread(
-                target=_pump,
-                args=(spec.number, rows_in, inbox, loop, slots, closed),
-                name=f"batchclassify-pump-{spec.number}",
-                daemon=True,
-            )
-            pump.start()
-            pumps.append(pump)
+        try:
+            for spec in [] if self._stopping else self._worker_specs():
+                rows_in, rows_out = context.Pipe(duplex=False)
+                control_in, control_out = context.Pipe(duplex=False)
+                process = context.Process(
+                    target=_worker_main,
+                    args=(spec, rows_out, control_in),
+                    name=f"batchclassify-worker-{spec.number}",
+                    daemon=True,
+                )
+                with _signals_blocked():
+                    process.start()
+                rows_out.close()  # the worker's ends: closed here, so EOF means the worker is gone
+                control_in.close()
+                self._processes.append(process)
+                self._controls.append(control_out)
+                pump = threading.Thread(
+                    target=_pump,
+                    args=(spec.number, rows_in, inbox, loop, slots, closed),
+                    name=f"batchclassify-pump-{spec.number}",
+                    daemon=True,
+                )
+                pump.start()
+                pumps.append(pump)
+        except BaseException:
+            # One would not start (no file descriptors left, say): the others must not go on
+            # classifying with nobody reading what they send.
+            for started in self._processes:
+                started.kill()
+            self._join()
+            raise
         if self._stopping:
             self._tell("stop")  # stopped while the workers were starting
         reports: dict[int, _Report] = {}
         delivered = [0] * len(self._processes)
+        #: rows of the batch being handed out that the consumer has not taken yet
+        undelivered = 0
         try:
             while len(reports) < len(self._processes):
                 number, kind, payload = await inbox.get()
                 slots.release()
                 if kind == "rows":
+                    undelivered = len(payload)
                     for row in payload:
                         delivered[number] += 1
+                        undelivered -= 1
                         yield self._checked(row)
                 elif kind == "done":
                     reports[number] = payload
@@ -266,8 +277,10 @@ class ProcessPipeline:
                     self._worker_lost(number, payload, heard=delivered[number] > 0)
         finally:
             if len(reports) < len(self._processes):
-                # The consumer stopped early (the writer failed): rows still coming are dropped.
+                # The consumer stopped early (the writer failed): rows still coming are dropped,
+                # with the rest of the batch it stopped in.
                 self.abort()
+                self.dropped += undelivered
                 self.dropped += await self._collect(inbox, slots, reports, delivered)
             closed.set()
             for report in reports.values():
@@ -453,6 +466,9 @@ def _pump(
                 kind, payload = rows.recv()
             except (EOFError, OSError):
                 kind, payload = "lost", None
+            except BaseException as exc:  # a message that does not unpickle, no memory, ...
+                # The parent must hear of it, or it would wait for this worker forever.
+                kind, payload = "failed", f"reading from the worker failed: {type(exc).__name__}"
             while not slots.acquire(timeout=0.5):
                 if closed.is_set():
                     return
@@ -479,7 +495,11 @@ def _worker_main(spec: _WorkerSpec, rows: Connection, control: Connection) -> No
     if hasattr(signal, "pthread_sigmask"):
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _PARENT_SIGNALS)
     client = spec.options.client
-    secrets = (client.api_key or "", *url_secrets(client.endpoint))
+    # Every server's credentials, not only the first's: a fleet's are all in the options.
+    secrets = (
+        client.api_key or "",
+        *(secret for route in client.routes for secret in url_secrets(route.endpoint)),
+    )
     try:
         _configure_logging(secrets, spec.log_level)
         event_loop.run(_work(spec, rows, control, secrets), spec.options.event_loop)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import shutil
 from pathlib import Path
 
@@ -195,6 +196,12 @@ def test_batch_size_settings() -> None:
         concurrency=64,
     )
     assert settings.pipeline_options().batch_size == 16
+    assert auto_batch_size(1) == 1
+    # Per process: 2 processes of 64 in flight each fill batches of 16, not 32.
+    split = settings.updated(concurrency=128, processes=2)
+    assert split.pipeline_options().batch_size == 16
+    with pytest.raises(ConfigError, match="more than the 8 images in flight per process"):
+        settings.updated(concurrency=8, batch_size=16).pipeline_options()
     for bad in (0, -2, "lots"):
         with pytest.raises(ConfigError, match="batch-size"):
             RunSettings(model="demo/1", batch_size=bad)  # type: ignore[arg-type]
@@ -220,3 +227,35 @@ async def test_an_abort_cancels_the_batches_in_flight(
     with pytest.raises(StopAsyncIteration):
         await asyncio.wait_for(first, 10)  # not after the server's 60 s, nor the retries
     assert pipeline.taken == 6 and pipeline.dropped == 6
+
+
+async def test_an_error_that_echoes_the_body_never_shows_a_piece_of_the_key() -> None:
+    from aiohttp import web
+
+    key = "k" * 40 + "SECRET-TAIL-7781"
+
+    async def echo(request: web.Request) -> web.Response:
+        body = await request.json()
+        # A pydantic-style 422 quoting the request, the key 290 characters in: across the cut.
+        detail = "x" * 270 + json.dumps({"input": {"api_key": body["api_key"]}})
+        return web.json_response({"detail": detail}, status=422)
+
+    app = web.Application()
+    app.router.add_post("/infer/classification", echo)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        options = ClientOptions(
+            endpoint=f"http://127.0.0.1:{port}", model="demo", version=1, api_key=key
+        )
+        async with ClassifyClient(options) as client:
+            with pytest.raises(Exception) as caught:
+                await client.classify_batch([base64.b64encode(image_bytes())])
+    finally:
+        await runner.cleanup()
+    text = str(caught.value)
+    assert "HTTP 422" in text
+    assert "kkkkk" not in text and "SECRET" not in text, text

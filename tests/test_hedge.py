@@ -80,7 +80,10 @@ def test_parsing_hedge_after() -> None:
     assert parse_hedge_after("auto") == HedgeOptions()
     assert parse_hedge_after("2.5") == HedgeOptions(after=2.5)
     assert parse_hedge_after("off") is None
-    for bad in ("soon", "-1", "0", "nan"):
+    assert parse_hedge_after("0") is None  # 0 seconds: off
+    assert RunSettings(hedge_after="off").hedge_options() is None
+    assert RunSettings(hedge_after=0.0).hedge_options() is None
+    for bad in ("soon", "-1", "nan"):
         with pytest.raises(ValueError):
             parse_hedge_after(bad)
     assert RunSettings(hedge_after="auto").hedge_options() == HedgeOptions()
@@ -90,6 +93,27 @@ def test_parsing_hedge_after() -> None:
         RunSettings(hedge_after="later")
     with pytest.raises(ConfigError, match="--hedge-after"):
         RunSettings(hedge_after=-2.0)
+
+
+async def test_off_on_the_command_line_wins_over_a_config_file(
+    tmp_path: Path, emulator_url: str
+) -> None:
+    make_image(tmp_path / "in" / "a.png", seed=1, size=(24, 24))
+    config = tmp_path / "job.toml"
+    config.write_text('hedge_after = "auto"\n')
+    code, stdout, stderr = await run_cli(
+        "config",
+        "show",
+        "--config",
+        str(config),
+        "--hedge-after",
+        "off",
+        "--model",
+        "demo/1",
+        env={"ROBOFLOW_API_KEY": KEY},
+    )
+    assert code == 0, stderr
+    assert 'hedge_after = "off"  # command line' in stdout
 
 
 # --- over the network -----------------------------------------------------------------------

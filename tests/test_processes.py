@@ -690,3 +690,42 @@ async def test_requests_per_server_add_up_over_the_workers(
     served = [(await emulator_stats(url))["requests"] for url in (first, second)]
     assert sum(served) == 40 and min(served) > 0
     assert [stats["endpoints"][url]["requests"] for url in (first, second)] == served
+
+
+class _SinkThatBreaks:
+    """Breaks on its third row, inside the writer's loop over the rows (no state)."""
+
+    def __init__(self) -> None:
+        self.rows = 0
+
+    async def write(self, result: object) -> None:
+        self.rows += 1
+        if self.rows == 3:
+            raise RuntimeError("the sink broke")
+
+    async def flush(self) -> None:
+        pass
+
+    async def aclose(self) -> None:
+        pass
+
+
+async def test_a_writer_failing_mid_batch_counts_every_row_of_the_workers(
+    tmp_path: Path, start_emulator: StartEmulator
+) -> None:
+    from batchclassify import ClientOptions, JobState, PipelineOptions, RunAborted, run
+
+    url = await start_emulator()
+    dataset(tmp_path / "in", 60)
+    client = ClientOptions(endpoint=url, model="demo", version=1, api_key=KEY, concurrency=8)
+    with pytest.raises(RunAborted) as caught:
+        await run(
+            [str(tmp_path / "in")],
+            PipelineOptions(client=client, processes=2),
+            sinks=[_SinkThatBreaks()],
+            state=JobState(path=None),
+        )
+    message = str(caught.value)
+    assert "the sink broke" in message
+    # The rows of the batch it broke in are counted as not started, not lost.
+    assert "closing check" not in message, message
