@@ -729,7 +729,7 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="S|auto|off",
         help="send a classify request still pending after S seconds once more (to another "
         "server of a fleet when there is one); the first answer wins, the other is cancelled, "
-        "one row either way. 'auto': after the p95 of recent latencies. At most 6%% of requests "
+        "one row either way. 'auto': after the p95 of recent latencies. At most 5%% of requests "
         "are hedged. Off by default (off turns off what a config file turned on): each copy is "
         "a request the service may bill",
     )

@@ -397,16 +397,19 @@ class ClassifyClient:
             return await self._try(self._sender(data, image_url), tried)
         loop = asyncio.get_running_loop()
         started = loop.time()
-        hedger.started()
+        ticket = hedger.started(started)
         throttle = self._throttle
-        if throttle is not None and throttle.in_outage:
-            # No hedging now: the servers look down.
-            answer = await self._try(self._sender(data, image_url), tried)
-            hedger.observe(loop.time() - started)
-            return answer
-        answer = await self._race(data, image_url, tried, hedger, started)
+        try:
+            if throttle is not None and throttle.in_outage:
+                # No hedging now: the servers look down.
+                answer = await self._try(self._sender(data, image_url), tried)
+            else:
+                answer = await self._race(data, image_url, tried, hedger, started)
+        except BaseException:
+            hedger.forget(ticket)  # no answer, no latency to learn from
+            raise
         # The first copy's time: its latency, or a lower bound of it when the hedge won.
-        hedger.observe(loop.time() - started)
+        hedger.observe(ticket, loop.time())
         return answer
 
     async def _race(

@@ -38,7 +38,7 @@ class HedgeOptions:
     #: ``auto`` never hedges sooner than this (seconds)
     floor: float = 0.05
     #: at most this fraction of requests is hedged
-    budget: float = 0.06
+    budget: float = 0.05
     #: hedges that may go out back to back once the budget has saved up
     burst: float = 10.0
 
@@ -83,7 +83,12 @@ class Hedger:
         self._samples: deque[float] = deque(maxlen=options.window)
         self._delay: float | None = options.after
         self._fresh = 0
-        self._tokens = 1.0
+        # Full at the start: the first requests of a run all go out at once, and those that
+        # hit the tail then are the ones a run waits on longest.
+        self._tokens = options.burst
+        #: start times of the requests still pending, by ticket
+        self._pending: dict[int, float] = {}
+        self._tickets = 0
         self.sent = 0
         self.won = 0
 
@@ -92,9 +97,13 @@ class Hedger:
         """Seconds to wait before hedging; ``None`` while ``auto`` has too few samples."""
         return self._delay
 
-    def started(self) -> None:
-        """A request (not a hedge) is about to be sent: the budget grows by its share."""
+    def started(self, now: float) -> int:
+        """A request (not a hedge) is sent at ``now``: the budget grows by its share. Returns
+        its ticket for :meth:`observe`."""
         self._tokens = min(self._tokens + self.options.budget, self.options.burst)
+        self._tickets += 1
+        self._pending[self._tickets] = now
+        return self._tickets
 
     def take(self) -> bool:
         """Whether one more hedge may go out now (and if so, count it)."""
@@ -104,14 +113,25 @@ class Hedger:
         self.sent += 1
         return True
 
-    def observe(self, seconds: float) -> None:
-        """The latency of a request that answered (or a lower bound, for one that lost)."""
-        if self.options.after is not None:
+    def forget(self, ticket: int) -> None:
+        """The request of ``ticket`` failed: it is no longer pending, and says nothing of the
+        latency."""
+        self._pending.pop(ticket, None)
+
+    def observe(self, ticket: int, now: float) -> None:
+        """The request of ``ticket`` answered at ``now`` (or lost the race: its time so far is a
+        lower bound of its latency)."""
+        started = self._pending.pop(ticket, None)
+        if self.options.after is not None or started is None:
             return
-        self._samples.append(seconds)
+        self._samples.append(now - started)
         self._fresh += 1
         if self._fresh >= _REFRESH_EVERY and len(self._samples) >= self.options.min_samples:
             self._fresh = 0
-            ordered = sorted(self._samples)
+            # Requests still pending count with their time so far (a lower bound): the first
+            # answers of a run are its fastest, and a quantile of those alone would start
+            # hedging far too early, spending the budget before the slowest ones come due.
+            waited = [now - t for t in self._pending.values()]
+            ordered = sorted([*self._samples, *waited])
             rank = min(len(ordered) - 1, int(self.options.quantile * len(ordered)))
             self._delay = max(ordered[rank], self.options.floor)

@@ -8,7 +8,7 @@ One emulator in its own process with the hosted service's latency shape (log-nor
 run. Four clients, each in a fresh process, in rotating order, ``--repeat`` times:
 
 - batchclassify with hedging off (the default);
-- batchclassify with ``--hedge-after auto`` (p95 of recent latencies, at most 6 % hedged);
+- batchclassify with ``--hedge-after auto`` (p95 of recent latencies, at most 5 % hedged);
 - batchclassify with a fixed ``--hedge-after`` (``--fixed`` seconds);
 - the reference loop: plain aiohttp, C workers on a queue, base64 + POST + ``json.loads``, no
   retries and no hedging (what a minimal client gets from the same tail).

@@ -40,40 +40,61 @@ def options(*urls: str, hedge: HedgeOptions | None, **changes: object) -> Client
 # --- the delay and the budget (no network) ---------------------------------------------------
 
 
+def observe(hedger: Hedger, seconds: float) -> None:
+    """One request that took ``seconds``."""
+    hedger.observe(hedger.started(100.0), 100.0 + seconds)
+
+
 def test_auto_waits_for_enough_latencies_then_follows_their_p95() -> None:
     hedger = Hedger(HedgeOptions(min_samples=50))
     for n in range(49):
-        hedger.observe(0.1 + n / 1000)
+        observe(hedger, 0.1 + n / 1000)
     assert hedger.delay is None  # too few samples: no hedging yet
     for n in range(51):
-        hedger.observe(0.2 if n < 45 else 3.0)
+        observe(hedger, 0.2 if n < 45 else 3.0)
     assert hedger.delay is not None and 0.2 <= hedger.delay <= 3.0
     for _ in range(1000):
-        hedger.observe(0.5)
+        observe(hedger, 0.5)
     assert hedger.delay == 0.5
 
 
 def test_auto_never_hedges_sooner_than_its_floor() -> None:
     hedger = Hedger(HedgeOptions(floor=0.25))
     for _ in range(200):
-        hedger.observe(0.001)
+        observe(hedger, 0.001)
     assert hedger.delay == 0.25
 
 
 def test_a_fixed_delay_ignores_the_latencies() -> None:
     hedger = Hedger(HedgeOptions(after=1.5))
     for _ in range(200):
-        hedger.observe(0.01)
+        observe(hedger, 0.01)
     assert hedger.delay == 1.5
 
 
 def test_the_budget_caps_hedges_at_a_fraction_of_requests() -> None:
     hedger = Hedger(HedgeOptions(after=0.1, budget=0.05, burst=10))
     taken = 0
-    for _ in range(1000):
-        hedger.started()
+    for n in range(1000):
+        hedger.started(float(n))
         taken += hedger.take()  # every request would like a hedge
-    assert 45 <= taken <= 1 + 0.05 * 1000
+    # The bucket starts full (the run's first wave is the one most likely to hit the tail).
+    assert 45 <= taken <= 10 + 0.05 * 1000
+
+
+def test_requests_still_pending_raise_the_delay_of_auto() -> None:
+    # A run's first wave: 64 requests at once. 31 answer within 100 ms, the 32nd at 0.8 s,
+    # when auto first computes its delay; the 32 others are still pending then. The p95 of
+    # the answers alone would be under 0.1 s and hedge all 32 at once, spending the budget on
+    # requests that were merely slowish rather than on the run's worst.
+    hedger = Hedger(HedgeOptions(min_samples=32))
+    tickets = [hedger.started(0.0) for _ in range(64)]
+    for n, ticket in enumerate(tickets[:31]):
+        hedger.observe(ticket, 0.05 + n / 1000)
+    assert hedger.delay is None
+    hedger.observe(tickets[31], 0.8)
+    assert hedger.delay is not None and hedger.delay >= 0.8  # the pending count, at 0.8 s
+    hedger.forget(tickets[40])  # a request that failed: no longer pending, no sample
 
 
 def test_parsing_hedge_after() -> None:
