@@ -190,6 +190,17 @@ class _Target:
 
 
 @dataclass(frozen=True, slots=True)
+class _Reply:
+    """What a server sent back: the status, the (bounded) body, and for errors where it
+    points to and how long it asks to wait."""
+
+    status: int
+    body: bytes
+    location: str | None = None
+    retry_after: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Response:
     """A successful, checked classify answer and how many attempts it took."""
 
@@ -545,36 +556,36 @@ class ClassifyClient:
         body = b"".join((b"--", boundary, _PART_HEAD, data, b"\r\n--", boundary, b"--\r\n"))
         return body, headers
 
-    async def _send(self, endpoint: Endpoint, data: bytes | None, image_url: str | None) -> Answer:
+    async def _post(
+        self,
+        endpoint: Endpoint,
+        url: yarl.URL,
+        data: bytes,
+        headers: Mapping[str, str],
+        limit: int,
+    ) -> _Reply:
+        """One POST to a server of the fleet and its bounded body: ``limit`` bytes of an
+        answer, a little of an error page. Transport failures become our errors, the key out
+        of their text."""
         session = self._session
         if session is None:
             raise RuntimeError("ClassifyClient used outside 'async with'")
-        target = self._targets[endpoint.index]
-        url = target.request_url
-        if image_url is not None:
-            url = url.update_query({"image": image_url})
-        upload = b""
-        headers = target.form_headers
-        if data is not None:
-            upload, headers = self._body(target, data)
         self.requests_sent += 1
         endpoint.requests += 1
-        limit = self.options.max_response_bytes
         try:
             # No redirects: following one would send the image and the key to another host.
             async with session.post(
-                url,
-                data=upload,
-                headers=headers,
-                allow_redirects=False,
+                url, data=data, headers=headers, allow_redirects=False
             ) as response:
-                status = response.status
-                if status == 200:
-                    body = await read_body(response, limit)
-                else:
-                    body = await read_body(response, _ERROR_BODY_LIMIT, truncate=True)
-                    location = response.headers.get("Location")
-                    retry_after = parse_retry_after(response.headers.get("Retry-After"))
+                if response.status == 200:
+                    return _Reply(200, await read_body(response, limit))
+                body = await read_body(response, _ERROR_BODY_LIMIT, truncate=True)
+                return _Reply(
+                    response.status,
+                    body,
+                    response.headers.get("Location"),
+                    parse_retry_after(response.headers.get("Retry-After")),
+                )
         except asyncio.TimeoutError:
             raise RequestTimeout(
                 f"no answer within {self.options.timeout:g} s (--timeout)"
@@ -583,6 +594,18 @@ class ClassifyClient:
             self._check_endpoint_reached(endpoint, exc)
             # `from None`: the original exception's text carries the URL and so the key.
             raise TransportError(self._describe(exc)) from None
+
+    async def _send(self, endpoint: Endpoint, data: bytes | None, image_url: str | None) -> Answer:
+        target = self._targets[endpoint.index]
+        url = target.request_url
+        if image_url is not None:
+            url = url.update_query({"image": image_url})
+        upload = b""
+        headers = target.form_headers
+        if data is not None:
+            upload, headers = self._body(target, data)
+        reply = await self._post(endpoint, url, upload, headers, self.options.max_response_bytes)
+        status, body = reply.status, reply.body
         if status == 200:
             if not endpoint.answered and body.lstrip()[:1] not in (b"{", b"["):
                 self._strike(endpoint, f"it answered 200 with {_content(body)}")
@@ -592,7 +615,11 @@ class ClassifyClient:
                 endpoint, "it does not accept POST on the classify route (405)"
             )
         if 300 <= status < 400:
-            where = without_userinfo(location) if location else "nowhere (no Location header)"
+            where = (
+                without_userinfo(reply.location)
+                if reply.location
+                else "nowhere (no Location header)"
+            )
             message = self.redact(f"HTTP {status} redirect to {where}")
             raise FatalApiError(message, http_status=status)
         message = _error_message(status, body, self.redact)
@@ -601,7 +628,7 @@ class ClassifyClient:
                 "; the server found the upload too large: use --max-size (e.g. --max-size 1024) "
                 "to downscale before upload"
             )
-        raise error_for_status(status, message, retry_after=retry_after)
+        raise error_for_status(status, message, retry_after=reply.retry_after)
 
     async def fetch(self, url: str, *, max_bytes: int) -> tuple[bytes, int]:
         """Download an image for sending inline (``--fetch-urls``), with the same retry rules;
@@ -684,30 +711,10 @@ class ClassifyClient:
         return json.dumps(head)[:-1].encode() + b',"image":[' + parts + b"]}"
 
     async def _send_batch(self, endpoint: Endpoint, body: bytes, count: int) -> list[Answer]:
-        session = self._session
-        if session is None:
-            raise RuntimeError("ClassifyClient used outside 'async with'")
         url = f"{self.options.routes[endpoint.index].endpoint.rstrip('/')}{BATCH_ROUTE}"
-        self.requests_sent += 1
-        endpoint.requests += 1
         limit = self.options.max_response_bytes * count
-        try:
-            async with session.post(
-                url, data=body, headers=_JSON_HEADERS, allow_redirects=False
-            ) as response:
-                status = response.status
-                if status == 200:
-                    answer_body = await read_body(response, limit)
-                else:
-                    answer_body = await read_body(response, _ERROR_BODY_LIMIT, truncate=True)
-                    retry_after = parse_retry_after(response.headers.get("Retry-After"))
-        except asyncio.TimeoutError:
-            raise RequestTimeout(
-                f"no answer within {self.options.timeout:g} s (--timeout)"
-            ) from None
-        except aiohttp.ClientError as exc:
-            self._check_endpoint_reached(endpoint, exc)
-            raise TransportError(self._describe(exc)) from None
+        reply = await self._post(endpoint, yarl.URL(url), body, _JSON_HEADERS, limit)
+        status, answer_body = reply.status, reply.body
         if status == 200:
             if not endpoint.answered and answer_body.lstrip()[:1] != b"[":
                 self._strike(endpoint, f"it answered 200 with {_content(answer_body)}")
@@ -721,7 +728,7 @@ class ClassifyClient:
         if 300 <= status < 400:
             raise FatalApiError(self.redact(f"HTTP {status} redirect"), http_status=status)
         message = _error_message(status, answer_body, self.redact)
-        raise error_for_status(status, message, retry_after=retry_after)
+        raise error_for_status(status, message, retry_after=reply.retry_after)
 
     def _check_endpoint_reached(self, endpoint: Endpoint, exc: aiohttp.ClientError) -> None:
         """Before a server's first answer, errors that say "this is no classify API" stop the

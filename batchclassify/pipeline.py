@@ -62,6 +62,7 @@ from batchclassify.throttle import Throttle, ThrottleOptions
 
 __all__ = [
     "REQUEST_ERROR_TYPES",
+    "FailureLimit",
     "Pipeline",
     "PipelineOptions",
     "RunningPipeline",
@@ -189,7 +190,7 @@ class Pipeline:
         )
         self._stopping = False
         self._fatal: BatchClassifyError | None = None
-        self._failures = 0
+        self._failure_limit = FailureLimit(options.max_failures)
         self._workers: list[asyncio.Task[None]] = []
         self._producer: asyncio.Task[None] | None = None
         self._producing = False
@@ -353,8 +354,7 @@ class Pipeline:
         except Exception as exc:
             result = self._internal_error(item, exc)
         result = self._row(item, result)
-        if result.error is not None and result.error.type in REQUEST_ERROR_TYPES:
-            self._count_failure()
+        self._count_failure(result)
         return result
 
     def _internal_error(self, item: Item, exc: Exception) -> Result:
@@ -372,14 +372,10 @@ class Pipeline:
             self._fatal = exc if isinstance(exc, RunAborted) else _explain_fatal(exc)
         self.stop()
 
-    def _count_failure(self) -> None:
-        self._failures += 1
-        limit = self.options.max_failures
-        if limit is not None and self._failures >= limit and self._fatal is None:
-            self._fatal = RunAborted(
-                f"{self._failures} items failed on requests (--max-failures {limit}); "
-                "the run stopped so that a systematic problem does not burn the whole input"
-            )
+    def _count_failure(self, row: Result) -> None:
+        reached = self._failure_limit.count(row)
+        if reached is not None and self._fatal is None:
+            self._fatal = reached
             self.stop()
 
     def _row(self, item: Item, result: Result) -> Result:
@@ -516,6 +512,27 @@ class Pipeline:
         loop = asyncio.get_running_loop()
         payload = await loop.run_in_executor(executor, _bytes_payload, raw, url, prepare)
         return dataclasses.replace(payload, attempts=spent + downloads)
+
+
+class FailureLimit:
+    """``--max-failures``: counts the rows that failed on requests (not bad inputs), and says
+    when a run has had enough of them."""
+
+    def __init__(self, limit: int | None) -> None:
+        self.limit = limit
+        self.failures = 0
+
+    def count(self, row: Result) -> RunAborted | None:
+        """The error that stops the run, when ``row`` is the failure that reaches the limit."""
+        if row.error is None or row.error.type not in REQUEST_ERROR_TYPES:
+            return None
+        self.failures += 1
+        if self.limit is None or self.failures != self.limit:
+            return None
+        return RunAborted(
+            f"{self.failures} items failed on requests (--max-failures {self.limit}); "
+            "the run stopped so that a systematic problem does not burn the whole input"
+        )
 
 
 def label_row(row: Result, labeler: Callable[[Result], str | None] | None) -> Result:

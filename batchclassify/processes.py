@@ -51,7 +51,7 @@ from typing import Any
 from batchclassify import loop as event_loop
 from batchclassify.errors import ConfigError, RunAborted, redact, url_secrets
 from batchclassify.model import Result, record_json
-from batchclassify.pipeline import REQUEST_ERROR_TYPES, Pipeline, PipelineOptions, label_row
+from batchclassify.pipeline import FailureLimit, Pipeline, PipelineOptions, label_row
 from batchclassify.sources import STDIN, iter_items
 from batchclassify.state import Skipped, StateReader, select_items
 
@@ -137,7 +137,7 @@ class ProcessPipeline:
         self._processes: list[multiprocessing.process.BaseProcess] = []
         self._stopping = False
         self._fatal: RunAborted | None = None
-        self._failures = 0
+        self._failure_limit = FailureLimit(options.max_failures)
         self.taken = 0
         self.dropped = 0
         self.requests_sent = 0
@@ -291,15 +291,10 @@ class ProcessPipeline:
 
     def _checked(self, row: Result) -> Result:
         row = label_row(row, self.options.labeler)
-        if row.error is not None and row.error.type in REQUEST_ERROR_TYPES:
-            self._failures += 1
-            limit = self.options.max_failures
-            if limit is not None and self._failures >= limit and self._fatal is None:
-                self._fatal = RunAborted(
-                    f"{self._failures} items failed on requests (--max-failures {limit}); "
-                    "the run stopped so that a systematic problem does not burn the whole input"
-                )
-                self.stop()
+        reached = self._failure_limit.count(row)
+        if reached is not None and self._fatal is None:
+            self._fatal = reached
+            self.stop()
         return row
 
     def _worker_ended(self, report: _Report) -> None:

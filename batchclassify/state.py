@@ -291,18 +291,11 @@ class StateStore:
     def content_hashes(self) -> Iterator[str]:
         """The hash of every stored ``ok`` result's bytes (for the dedup's filter)."""
         with self._readable():
-            cursor = self._db.execute(
-                "SELECT content_hash FROM results WHERE content_hash IS NOT NULL"
-            )
-            for (content_hash,) in cursor:
-                yield str(content_hash)
+            yield from _content_hashes(self._db)
 
     def lookup_content(self, content_hash: str) -> Result | None:
         """An ``ok`` result for these exact image bytes, if one was stored."""
-        row = self._db.execute(
-            "SELECT record FROM results WHERE content_hash = ? LIMIT 1", (content_hash,)
-        ).fetchone()
-        return Result.from_dict(json.loads(row[0])) if row else None
+        return _lookup_content(self._db, content_hash)
 
 
 class StateReader:
@@ -328,15 +321,10 @@ class StateReader:
 
     def content_hashes(self) -> Iterator[str]:
         """As :meth:`StateStore.content_hashes` (a worker process's dedup reads the state)."""
-        cursor = self._db.execute("SELECT content_hash FROM results WHERE content_hash IS NOT NULL")
-        for (content_hash,) in cursor:
-            yield str(content_hash)
+        return _content_hashes(self._db)
 
     def lookup_content(self, content_hash: str) -> Result | None:
-        row = self._db.execute(
-            "SELECT record FROM results WHERE content_hash = ? LIMIT 1", (content_hash,)
-        ).fetchone()
-        return Result.from_dict(json.loads(row[0])) if row else None
+        return _lookup_content(self._db, content_hash)
 
     def retryable(self, *, all_failures: bool) -> int:
         """Rows a resumed run would try again (see :meth:`StateStore.forget_retryable`)."""
@@ -387,6 +375,20 @@ def select_items(
             skipped.done_earlier += 1
             continue
         yield item.with_key(key)
+
+
+def _content_hashes(db: sqlite3.Connection) -> Iterator[str]:
+    for (content_hash,) in db.execute(
+        "SELECT content_hash FROM results WHERE content_hash IS NOT NULL"
+    ):
+        yield str(content_hash)
+
+
+def _lookup_content(db: sqlite3.Connection, content_hash: str) -> Result | None:
+    row = db.execute(
+        "SELECT record FROM results WHERE content_hash = ? LIMIT 1", (content_hash,)
+    ).fetchone()
+    return Result.from_dict(json.loads(row[0])) if row else None
 
 
 def remove_state(path: Path) -> None:
