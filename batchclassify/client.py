@@ -658,7 +658,7 @@ class ClassifyClient:
                     # The image's host, not the classify service: its 404 is this item's problem.
                     error = error_for_status(
                         response.status,
-                        self.redact(f"downloading the image failed: {message}"),
+                        f"downloading the image failed: {message}",  # already redacted
                         retry_after=parse_retry_after(response.headers.get("Retry-After")),
                     )
                     if not is_transient(error):

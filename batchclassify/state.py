@@ -206,7 +206,6 @@ class StateStore:
         # hold a transaction open (which would stop WAL checkpoints).
         self._db.execute("BEGIN IMMEDIATE")
         try:
-            self._db.execute("SAVEPOINT batch")
             yield
         except BaseException:
             self._db.execute("ROLLBACK")
@@ -256,6 +255,7 @@ class StateStore:
         batch = list(results)
         rows = [_row(result) for result in batch]
         with self._transaction():
+            self._db.execute("SAVEPOINT batch")  # where a batch with a repeated key goes back to
             before = self._db.total_changes
             # One statement for the batch: every row is new unless an input came twice.
             self._db.executemany(_INSERT, rows)
